@@ -17,8 +17,27 @@ new in the paper and are what this file is about:
 The paper's result: on ImageNet the searched TrioNet beats every single-operator model at fewer FLOPs; on small
 datasets, where self-attention models are worse than convolution, TrioNet still matches convolution.
 
-The official repository (github.com/phj128/TrioNet) has no code, so every design choice is stated where it is made
-(search "# design:"). Choices that the paper leaves open or that we shrank for a CPU are marked as OURS.
+The official repository (github.com/phj128/TrioNet) has no code, so this file is the reference. Design choices,
+against the paper's text ("paper" = stated there; "OURS" = left open by the paper or shrunk for a CPU):
+  1. Space (paper sec. 3.1): per block an operator-level choice {convolution, local self-attention, axial
+     self-attention} and architecture-level choices (width, heads). OURS: conv kernel {3, 5}, local window
+     {3, 5, 7}, axial = global; width ratios {0.5, 0.75, 1} of the stage's widest middle width; head counts where
+     Multi-head Sharing can slice them (a head can shrink, never grow).
+  2. Network: a ResNet bottleneck (1x1 reduce -> operator -> 1x1 expand + shortcut) whose 3x3 conv is the searched
+     operator, as in the paper's ResNet-based space; CIFAR stages at 32/16/8 pixels. OURS: 2x2 average pooling at the
+     first block of a stage (attention models pool instead of striding); 1x1 convs shared by all operator types.
+  3. Weight sharing within one operator type (paper): smaller kernels / windows take the CENTRE of the largest
+     kernel / relative-embedding table; narrower widths take channel slices. Different types never share weights.
+  4. Multi-head Sharing (paper sec. 3.3) vs plain first-c-channel sharing: channel_index().
+  5. Hierarchical Sampling (paper sec. 3.2) vs uniform sampling of the flat list: sample_hierarchical / sample_uniform.
+  6. Sandwich rule (BigNAS, which TrioNet's supernet training follows): largest + smallest + n random sub-networks per
+     step, gradients accumulated. OURS: "largest/smallest" = most/fewest FLOPs per block (with three operator types
+     the paper's notion is not unique); no in-place distillation, to keep the step readable.
+  7. Scoring a sub-network with inherited weights after re-estimating its BatchNorm statistics (BigNAS/OFA practice),
+     on a VALIDATION split carved from the training set; evolutionary search under a FLOPs budget (paper: evolution).
+  8. FLOPs = 2 x multiply-accumulates of convolutions and matmuls (attention included, written as einsum), i.e. what
+     torch's FlopCounterMode counts; SearchSpace.flops() computes it analytically and the tests check it within 2%.
+  9. The searched network and the single-operator baselines are retrained from scratch with one recipe (paper).
 
 Run:
     python 05_trionet_search.py --quick --data ../shared/data/cifar10     # <= 10 min on a 2-core CPU
@@ -34,7 +53,6 @@ h heads, d = c / h channels per head, H, W height and width, R a stage's resolut
 positions, K kernel or window size, L the length of the axis an axial layer attends along.
 """
 import argparse
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -82,9 +100,9 @@ class Preset:
 FULL = Preset()
 # --quick: everything shrunk so the five experiments fit in 10 minutes on 2 CPU cores (stated in the output)
 QUICK = Preset(image_size=16, stem_channels=16, stage_channels=(32, 64, 128), mid_channels=(8, 16, 32),
-               depths=(1, 1, 1), max_heads=2, head_choices=(1, 2), train_per_class=100, val_per_class=50,
-               test_per_class=100, batch_size=64, supernet_epochs=5, n_random=1, lr=3e-3, calib_batches=2,
-               population=8, generations=3, parents=4, ablation_subnets=8, standalone_epochs=5, threads=1)
+               depths=(1, 1, 1), max_heads=2, head_choices=(1, 2), train_per_class=150, val_per_class=50,
+               test_per_class=100, batch_size=64, supernet_epochs=7, n_random=1, lr=3e-3, calib_batches=2,
+               population=8, generations=4, parents=4, ablation_subnets=8, standalone_epochs=10, threads=1)
 
 
 def get_args(argv=None):
@@ -557,7 +575,7 @@ def make_loaders(data, batch_size, device, seed, calib_batches):
 # ------------------------------------------------------------------------------------------------ train
 
 def sandwich_step_fn(space, *, sampler, n_random, generator, label_smoothing=0.1, visited=None):
-    """utils.train step_fn implementing the sandwich rule (Yu et al., BigNAS; used by TrioNet sec. 3.4): every step
+    """utils.train step_fn implementing the sandwich rule (Yu et al., BigNAS, which TrioNet's supernet training follows): every step
     back-propagates the largest, the smallest and n_random sampled sub-networks on the same batch; their gradients
     ACCUMULATE in the shared weights and the loop then takes one optimizer step. `visited` (a list) records the
     configs, for tests. Returns the largest sub-network's loss/logits for the loop's log."""
@@ -618,7 +636,7 @@ def inherited_accuracy(supernet, config, val_loader, calib_loader):
 
 def evolutionary_search(space, fitness, *, budget, population, generations, parents, mutate_prob, generator, log,
                         num_classes=10):
-    """Evolutionary search under a FLOPs budget (as in SPOS/OFA; TrioNet sec. 3.4 searches with evolution): keep the
+    """Evolutionary search under a FLOPs budget (as in SPOS/OFA, the search TrioNet runs on its trained supernet): keep the
     `parents` best configs seen, make children by per-block mutation (resample a block hierarchically) and
     uniform crossover, reject children over budget or already scored. Returns (best config, {config: score})."""
     scores = {}
@@ -706,15 +724,16 @@ def plot_architecture(path, space, config, scores, budget, single, num_classes):
     ax.set_title(f"searched TrioNet: operator per block ({space.flops(config, num_classes) / 1e6:.1f} MFLOPs)")
     fl = np.array([space.flops(c, num_classes) for c in scores]) / 1e6
     acc = np.array(list(scores.values()))
-    mix = [[sum(ch.op == op for ch in c) / len(c) for op in ("local", "axial", "conv")] for c in scores]
-    ax2.scatter(fl, acc, c=np.clip(mix, 0, 1), s=25, edgecolor="k", linewidth=0.3)
+    rgb = {op: np.array(matplotlib.colors.to_rgb(c)) for op, c in colours.items()}
+    mix = [sum(rgb[ch.op] for ch in c) / len(c) for c in scores]  # colour = the blocks' operator colours, averaged
+    ax2.scatter(fl, acc, c=np.array(mix), s=25, edgecolor="k", linewidth=0.3)
     ax2.scatter([space.flops(config, num_classes) / 1e6], [scores[config]], marker="*", s=250, c="gold", edgecolor="k",
                 label="searched")
     for op, c in single.items():
         ax2.axvline(space.flops(c, num_classes) / 1e6, color=colours[op], ls=":", lw=1, label=f"all-{op} FLOPs")
-    ax2.axvline(budget / 1e6, color="k", ls="--", lw=1, label="budget")
+    ax2.axvline(budget / 1e6, color="k", ls="--", lw=1, label="budget (= all-conv3 ResNet)")
     ax2.set_xlabel("MFLOPs (analytical)"), ax2.set_ylabel("inherited val acc (%)")
-    ax2.set_title("search: every scored sub-network (colour = RGB share of local/axial/conv blocks)", fontsize=9)
+    ax2.set_title("search: every scored sub-network (colour = mix of its blocks' operator colours)", fontsize=9)
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -746,8 +765,12 @@ def run(argv=None):
         torch.set_num_threads(cfg.threads)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "05_trionet_search")
     os.makedirs(out_dir, exist_ok=True)
-    print(f"preset {'--quick (SHRUNK for a CPU: small subsets, 3-block supernet, few epochs)' if args.quick else 'full'}: "
-          f"{asdict(cfg)}")
+    if args.quick:
+        print(f"preset --quick, SHRUNK to fit 10 minutes on a 2-core CPU: {cfg.image_size}px images (stages at "
+              f"{cfg.image_size}/{cfg.image_size // 2}/{cfg.image_size // 4} px instead of 32/16/8), "
+              f"{sum(cfg.depths)} searched blocks, middle widths {cfg.mid_channels}, {cfg.train_per_class} train images "
+              f"per class, {cfg.supernet_epochs} supernet / {cfg.standalone_epochs} stand-alone epochs")
+    print(f"config: {asdict(cfg)}")
     utils.set_seed(args.seed)
     space = SearchSpace(image_size=cfg.image_size, stem_channels=cfg.stem_channels, stage_channels=cfg.stage_channels,
                         mid_channels=cfg.mid_channels, depths=cfg.depths, max_heads=cfg.max_heads,
