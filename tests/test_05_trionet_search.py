@@ -106,6 +106,17 @@ def test_multihead_slices_are_leading_channels_of_each_head(max_width, max_heads
                            sharing="multihead").tolist() == list(range(width))
 
 
+def test_ablation_subnets_are_those_where_the_sharing_schemes_differ():
+    space = make_space()
+    configs = m.sharing_sensitive_attention_configs(space, 4, torch.Generator().manual_seed(0))
+    assert len(set(configs)) == 4
+    for cfg in configs:
+        for b, ch in enumerate(cfg):
+            assert ch.op in ("local", "axial")
+            kw = dict(max_width=space.mid[b], max_heads=space.max_heads)
+            assert not torch.equal(m.channel_index(ch, sharing="multihead", **kw), m.channel_index(ch, sharing="plain", **kw))
+
+
 def test_multihead_sharing_impossible_heads_is_an_error():
     with pytest.raises(AssertionError, match="do not fit"):
         m.channel_index(m.Choice("local", 3, 16, 2), max_width=16, max_heads=4, sharing="multihead")  # d=8 > d_max=4
