@@ -220,6 +220,9 @@ def test_main_end_to_end_on_tiny_image_folder(tiny_image_folder, tmp_path):
         assert r["params"] > 0 and r["mflops"] > 0 and r["train_img_per_s"] > 0 and len(r["test_accs"]) == 2
         assert 0 <= r["test_acc_mean"] <= 100
     assert metrics["conv_equivalence"]["max_abs_err"] < 1e-5   # Theorem 1 on the trained conv's real features
+    eq = metrics["conv_equivalence"]
+    assert eq["test_acc_attention_swapped"] == eq["test_acc_conv"]   # same network, conv swapped for attention
+    assert eq["test_acc_conv"] == metrics["models"]["all-conv"]["test_accs"][-1]  # measuring speed left the model intact
     assert os.path.getsize(out / "attention_maps.png") > 1000
 
 
@@ -250,3 +253,18 @@ def test_real_cifar10_attention_model_learns(data_dir):
     print(f"hybrid after {5 * len(tr)} steps: test accuracy {acc:.1f}% on {len(d.y_test)} images (chance 10%)")
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert acc > 25.0
+
+
+def test_window_to_dense_lets_nonlocality_measure_local_attention():
+    torch.manual_seed(0)
+    H, W, k = 5, 6, 3
+    _, attn = m.LocalSelfAttention2d(4, num_heads=2, window=k)(torch.randn(1, 4, H, W), return_attn=True)
+    dense = m.window_to_dense(attn, H, W, k)                          # (1, 2, N, (H+2)(W+2))
+    assert torch.allclose(dense.sum(-1), torch.ones(1, 2, H * W))
+    D = m.nonlocality(dense, H, W, key_padding=k // 2)
+    assert D.shape == (1, 2) and (D > 0).all() and (D <= math.sqrt(2) + 1e-6).all()   # within a 3x3 window
+    # one-hot on the centre slot (each pixel attends to itself) -> distance 0; on slot (0, 1) -> distance 1
+    for slot, dist in ((4, 0.0), (1, 1.0)):
+        onehot = torch.zeros(H * W, k * k)
+        onehot[:, slot] = 1
+        assert abs(m.nonlocality(m.window_to_dense(onehot, H, W, k), H, W, key_padding=1).item() - dist) < 1e-6
