@@ -48,15 +48,15 @@ import utils
 # ------------------------------------------------------------------------------------------------ config
 
 PRESETS = {
-    # 2-core CPU, ~5 minutes for 2 models x 2 seeds: a small ResNet-10 (widths 16/32/64, blocks 1/1/2).
+    # 2-core CPU, < 5 minutes for 2 models x 3 seeds: a small ResNet-10 (widths 16/32/64, blocks 1/1/2).
     # Attention only in stage 3 (an 8x8 grid, two AA layers: one strided, one not). The paper too augments
     # "starting from the last layer until we hit memory constraints"; on this CPU a 16x16 grid already made the
     # AA model 5x slower than the baseline (softmax and N x N logits are memory-bound), a 32x32 grid far more.
     # kappa = 2*upsilon as in the paper, but 0.5/0.25 instead of 0.2/0.1 and 4 heads instead of 8: at width 64
     # the paper's values would leave 1-2 key dims per head. Result: dk = 32 (8 per head), dv = 16 (4 per head).
     "quick": dict(widths=(16, 32, 64), blocks=(1, 1, 2), aa_stages=(3,), num_heads=4, kappa=0.5, upsilon=0.25,
-                  min_dkh=0, epochs=10, batch_size=64, lr=3e-3, weight_decay=0.05, optimizer="adamw",
-                  train_per_class=250, test_per_class=200, seeds=2),
+                  min_dkh=0, epochs=6, batch_size=64, lr=3e-3, weight_decay=0.05, optimizer="adamw",
+                  train_per_class=200, test_per_class=200, seeds=3),
     # one GPU, full CIFAR-10: a wide ResNet-14 (widths 128/256/512, two blocks per stage), attention in every
     # block (the 32x32 grid included), with the paper's CIFAR values: Nh = 8, kappa = 2*upsilon = 0.2 and at
     # least 20 key dims per head.
@@ -81,10 +81,14 @@ def build_parser():
     p.add_argument("--no-relative", action="store_true", help="AA model without relative position logits")
     p.add_argument("--blocks", type=int, nargs=3, default=None, help="residual blocks per stage")
     p.add_argument("--aa-stages", type=int, nargs="*", default=None, help="stages (1-3) whose blocks get AA convs")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default). On a CPU shared with other jobs 1 thread can be "
+                        "several times faster than 2 (OpenMP threads wait for each other)")
     p.add_argument("--measure-batch", type=int, default=128, help="batch for the img/s and memory columns")
     p.add_argument("--bench-sizes", type=int, nargs="+", default=[32, 64], help="benchmark input sizes (square)")
     p.add_argument("--bench-batch", type=int, default=128,
-                   help="benchmark batch; on CPU it is lowered so one (B, Nh, N, N) logit tensor stays < 0.5 GiB")
+                   help="benchmark batch; lowered (and printed) where one (B, Nh, N, N) fp32 logit tensor would exceed "
+                        "0.5 GiB on a CPU or 1/8 of the GPU memory")
     return p
 
 
@@ -136,8 +140,8 @@ class AugmentedConv2d(nn.Module):
 
     out_channels - dv channels come from a k x k convolution, dv from multi-head self-attention over all pixels with
     dk key/query channels split over num_heads heads. relative=True adds 2D relative position logits (Sec. 3.1.2)
-    for attention grids up to `max_size` (an int or (H, W)); their embedding tables are shared across heads as in
-    the paper's code. dv=0 (and dk=0) is exactly nn.Conv2d(in, out, k, stride, padding=k//2).
+    for inputs up to `max_size` (an int or (H_in, W_in)); smaller inputs use the central rows of the tables. The
+    tables are shared across heads, as in the paper's code. dv=0 (and dk=0) is exactly nn.Conv2d(in, out, k, stride, padding=k//2).
 
     stride > 1: the conv branch strides as usual. The attention branch first average-pools its input with a
     k x k window and the same stride (padding k//2, so both branches land on the same grid). This is what the paper
@@ -207,8 +211,10 @@ class AugmentedConv2d(nn.Module):
         logits = q @ k.transpose(2, 3)                                    # (B, Nh, N, N) content term q_i . k_j
         if self.relative:
             rel_h, rel_w = self.relative_logits(q, H, W)
-            logits = logits.view(B, Nh, H, W, H, W) + rel_h + rel_w       # broadcast over key x / key y
-            logits = logits.view(B, Nh, N, N)
+            # add in place through a (B, Nh, H, W, H, W) view: rel_h broadcasts over the key's x, rel_w over its y.
+            # No (B, Nh, N, N) copy of either term, not even a temporary (matmul's backward needs q and k, not
+            # its output, so writing into it is safe for autograd)
+            logits.view(B, Nh, H, W, H, W).add_(rel_h).add_(rel_w)
         return logits
 
     def attention_input(self, x):
@@ -385,7 +391,8 @@ def plot_attention(model, data, device, path, *, num_images=4, query=None):
                 axes[r, h + 1].set_title(f"head {h + 1}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(f"AA-ResNet first attention layer ({H}x{W} grid): where query pixel ({qy},{qx}) attends", fontsize=9)
+    fig.suptitle(f"AA-ResNet, first attention layer ({H}x{W} grid): attention of query pixel ({qy},{qx}) (x) per head\n"
+                 f"bright = high weight, each panel scaled to its own maximum", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -395,13 +402,14 @@ def plot_attention(model, data, device, path, *, num_images=4, query=None):
 def bench(args, device, log=print):
     """Forward+backward time and memory of one AugmentedConv2d vs relative=False vs a plain conv (same outputs)."""
     C, Nh, dk, dv = (64, 4, 32, 16)  # kappa = 0.5, upsilon = 0.25 as in the quick model's 64-channel stage
-    log(f"bench: layer {C}->{C} channels, 3x3, dk={dk}, dv={dv}, Nh={Nh}; forward+backward of sum-pooled outputs")
+    log(f"bench: layer {C}->{C} channels, 3x3, dk={dk}, dv={dv}, Nh={Nh}; forward+backward of the spatially averaged output")
     rows = []
     for size in args.bench_sizes:
         N = size * size
-        batch = args.bench_batch
-        if device.type == "cpu":  # keep one (B, Nh, N, N) fp32 logit tensor below 0.5 GiB on a shared CPU
-            batch = max(1, min(batch, (2 ** 29) // (Nh * N * N * 4)))
+        # one (B, Nh, N, N) fp32 logit tensor must stay below 0.5 GiB on a (shared) CPU and 1/8 of a GPU's memory:
+        # at 64x64 and batch 128 it would be 34 GB, and a training step holds several of them
+        budget = torch.cuda.get_device_properties(device).total_memory // 8 if device.type == "cuda" else 2 ** 29
+        batch = max(1, min(args.bench_batch, budget // (Nh * N * N * 4)))
         layers = {
             "AA relative": AugmentedConv2d(C, C, 3, dk=dk, dv=dv, num_heads=Nh, relative=True, max_size=size),
             "AA no-rel": AugmentedConv2d(C, C, 3, dk=dk, dv=dv, num_heads=Nh, relative=False, max_size=size),
@@ -421,12 +429,13 @@ def bench(args, device, log=print):
 
 
 def format_table(rows):
-    head = f"{'model':10s} {'params':>9s} {'MFLOPs':>8s} {'memory MB':>10s} {'img/s':>7s} {'test acc %':>16s}"
+    head = (f"{'model':10s} {'params':>9s} {'MFLOPs':>8s} {'memory MB':>10s} {'train img/s':>11s} "
+            f"{'test acc % (mean ± std)':>24s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         acc = f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f} (n={r['n_seeds']})"
         lines.append(f"{r['model']:10s} {r['params']:9d} {r['flops'] / 1e6:8.1f} {r['memory_mb']:10.1f} "
-                     f"{r['img_per_s']:7.0f} {acc:>16s}")
+                     f"{r['img_per_s']:11.0f} {acc:>24s}")
     return "\n".join(lines)
 
 
@@ -435,6 +444,8 @@ def format_table(rows):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     print(utils.reproduce_command())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = utils.get_device(args.device)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "02_aa_conv")
     os.makedirs(out_dir, exist_ok=True)
@@ -461,15 +472,20 @@ def main(argv=None):
     shape = (3, cfg["image_size"], cfg["image_size"])
     for augmented in (False, True):
         name = "AA-ResNet" if augmented else "ResNet"
-        accs = []
+        accs, speeds = [], []
         for s in range(cfg["seeds"]):
             model, hist = train_one(cfg, data, device, augmented=augmented, seed=args.seed + s)
             accs.append(hist[-1]["test_acc"])
+            speeds += [h["img_per_s"] for h in hist]
             histories[f"{name}/seed{args.seed + s}"] = hist
             if augmented and s == 0:
                 aa_model = model
-        img_s, mem = utils.measure_step(model, shape, batch_size=args.measure_batch, device=device,
-                                        num_classes=data.num_classes, steps=2, warmup=1)
+        # memory: autograd-saved activations of one training step at --measure-batch (CUDA peak on a GPU).
+        # img/s: the median training throughput over all epochs and seeds (a few timed steps are too noisy on a
+        # shared CPU)
+        _, mem = utils.measure_step(model, shape, batch_size=args.measure_batch, device=device,
+                                    num_classes=data.num_classes, steps=1, warmup=1)
+        img_s = sorted(speeds)[len(speeds) // 2]
         m, sd = mean_std(accs)
         rows.append(dict(model=name, params=utils.count_params(model), flops=utils.count_flops(model, shape, device),
                          memory_mb=mem, img_per_s=img_s, acc_mean=m, acc_std=sd, n_seeds=len(accs), accs=accs))
