@@ -54,9 +54,9 @@ import utils
 PRESETS = {
     "quick": dict(train_per_class=500, val_per_class=100, test_per_class=200,
                   embed_dims=[48, 56, 64], depths=[3, 4, 5], num_heads=[2, 3, 4], mlp_ratios=[2.0, 3.0, 4.0],
-                  head_dim=16, patch_size=8, batch_size=128, epochs=8, lr=2e-3, weight_decay=0.05,
-                  n_compare=10, population=10, generations=6, parents=4,
-                  finetune_epochs=2, finetune_lr=2e-4, retrain_epochs=8),
+                  head_dim=16, patch_size=8, batch_size=64, epochs=16, lr=2e-3, weight_decay=0.05,
+                  n_compare=10, population=16, generations=8, parents=5,
+                  finetune_epochs=2, finetune_lr=4e-4, retrain_epochs=16),
     "full": dict(train_per_class=None, val_per_class=500, test_per_class=None,
                  embed_dims=[192, 216, 240], depths=[12, 13, 14], num_heads=[3, 4], mlp_ratios=[3.5, 4.0],
                  head_dim=64, patch_size=4, batch_size=256, epochs=100, lr=1e-3, weight_decay=0.05,
@@ -71,6 +71,9 @@ def get_args(argv=None):
     p.set_defaults(val_per_class=None)  # None -> the preset's value (the search needs a validation split)
     p.add_argument("--quick", action="store_true", help="small CPU preset (<= 10 min on 2 cores); default: full GPU preset")
     p.add_argument("--bench", action="store_true", help="only time a train step: supernet(x, cfg) vs extracted standalone ViT")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs use 1: OpenMP "
+                        "threads that wait for each other on busy cores made a train step ~10x slower here")
     g = p.add_argument_group("search space (paper Table 1)")
     g.add_argument("--embed-dims", type=int, nargs="+", help="embedding dim choices (one per network)")
     g.add_argument("--depths", type=int, nargs="+", help="depth choices")
@@ -661,9 +664,10 @@ def plot_search(path, ea_hist, rs_hist, ea_all, rs_all, param_range, parents, co
         ax[0].plot(g, [h["topk_mean"] for h in hist], "--", color=c, label=f"{lab}: top-{parents} mean")
     ax[0].set(xlabel=f"generation (same number of evaluated candidates)", ylabel="val top-1 % (inherited weights)",
               title="evolutionary vs random search")
+    ax[0].set_xticks(g)
     ax[0].legend(fontsize=8)
-    for arch, lab, m in ((rs_all, "random search", "x"), (ea_all, "evolution", ".")):
-        ax[1].scatter([count(c) / 1e3 for _, c in arch], [f for f, _ in arch], marker=m, label=lab, alpha=0.7)
+    for arch, lab, m, c in ((rs_all, "random search", "x", "C1"), (ea_all, "evolution", ".", "C0")):
+        ax[1].scatter([count(x) / 1e3 for _, x in arch], [f for f, _ in arch], marker=m, color=c, label=lab, alpha=0.7)
     for v in param_range:
         ax[1].axvline(v / 1e3, color="gray", ls=":")
     ax[1].set(xlabel="subnet parameters (k); dotted: constraint", ylabel="val top-1 %", title="every evaluated candidate")
@@ -678,6 +682,8 @@ def plot_search(path, ea_hist, rs_hist, ea_all, rs_all, param_range, parents, co
 def main(argv=None):
     args = get_args(argv)
     print(utils.reproduce_command())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     utils.set_seed(args.seed)
     device = utils.get_device(args.device)
     out = args.out or os.path.join("runs", "04_autoformer_entangle")
