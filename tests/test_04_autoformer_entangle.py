@@ -10,6 +10,16 @@ from conftest import load_script
 
 m = load_script("04_autoformer_entangle")
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These models are tiny: one thread is as fast as two on an idle CPU, and on a busy one two OpenMP threads
+    that wait for each other made this file ~10x slower. Restored afterwards for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 SPACES = {
     "quick-like": m.SearchSpace((24, 32, 40), (1, 2, 3), (1, 2, 3), (1.5, 2.0, 3.0), 8),
     "autoformer-T-like": m.SearchSpace((12, 18), (2, 3), (3, 4), (3.5, 4.0), 4),  # MLP 3.5 x 18 -> 63 units
@@ -296,19 +306,26 @@ def test_one_step_on_one_subnet_moves_other_subnets_only_when_entangled():
         assert (moved > 1e-4) if should_move else (moved == 0.0), (cls.__name__, moved)
 
 
-def test_entangled_supernet_learns_on_real_cifar(data_dir):
-    """Real CIFAR-10: after a short supernet training every sampled subnet classifies the validation split
-    (carved from train) better than chance with the weights it inherits, without any retraining."""
+def test_entanglement_beats_classic_sharing_on_real_cifar(data_dir):
+    """Real CIFAR-10, the paper's Fig. 3/4 claim under one budget: the same ~280 steps, the same sampled subnets
+    and batches. The entangled supernet ends with a lower training loss, and the same random subnets score better on
+    the validation split (carved from train) with inherited weights -- and better than chance, with no retraining."""
     import utils
     space = m.SearchSpace((32, 48), (2, 3), (2, 3), (2.0, 3.0), 16)
-    args = m.get_args(["--quick", "--data", data_dir, "--train-per-class", "200", "--val-per-class", "50",
-                       "--epochs", "3", "--batch-size", "100"])
+    args = m.get_args(["--quick", "--data", data_dir, "--train-per-class", "300", "--val-per-class", "50",
+                       "--epochs", "6", "--batch-size", "64"])
     data = utils.data_from_args(args)
     train_loader, val_loader, _ = m.make_loaders(data, args, torch.device("cpu"))
-    torch.manual_seed(0)
-    net = m.SuperViT(space, image_size=32, patch_size=8, num_classes=10)
-    hist, losses = m.train_supernet(net, space, train_loader, args, name="", log=lambda s: None)
-    assert len(losses) == 3 * len(train_loader) and hist[-1]["loss"] < hist[0]["loss"]
-    g = torch.Generator().manual_seed(5)
-    accs = [m.inherited_acc(net, m.sample_config(space, g), val_loader) for _ in range(6)]
-    assert min(accs) > 14, accs  # chance is 10% (500 val images: 14% is > 3 standard deviations above it)
+    loss, accs = {}, {}
+    for cls in (m.SuperViT, m.ClassicSuperViT):
+        torch.manual_seed(0)
+        net = cls(space, image_size=32, patch_size=8, num_classes=10)
+        hist, losses = m.train_supernet(net, space, train_loader, args, name="", log=lambda s: None)
+        assert len(losses) == 6 * len(train_loader) and hist[-1]["loss"] < hist[0]["loss"]
+        g = torch.Generator().manual_seed(5)
+        loss[cls.__name__] = hist[-1]["loss"]
+        accs[cls.__name__] = [m.inherited_acc(net, m.sample_config(space, g), val_loader) for _ in range(6)]
+    ent, cla = accs["SuperViT"], accs["ClassicSuperViT"]
+    assert min(ent) > 15, accs  # chance is 10% (500 val images: 15% is > 4 standard deviations above it)
+    assert loss["SuperViT"] < loss["ClassicSuperViT"], loss
+    assert sum(e > c for e, c in zip(ent, cla)) >= 5 and sum(ent) > sum(cla) + 6 * 2.0, accs
