@@ -125,27 +125,21 @@ QUICK = Preset(image_size=16, stem_channels=16, stage_channels=(32, 64, 128), mi
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_common_args(p)
+    # the data-size flags default to the preset's values (utils' defaults mean "all data, no validation split")
+    p.set_defaults(image_size=None, val_per_class=None)
     p.add_argument("--quick", action="store_true", help="CPU preset: small subsets, small supernet, few epochs")
     p.add_argument("--bench", action="store_true", help="only measure train img/s of the stand-alone models")
     p.add_argument("--no-ablation", action="store_true", help="skip experiment 4 (two extra supernets)")
-    # any Preset field can be overridden, e.g. --supernet-epochs 2 --depths 1 1 1
+    # any other Preset field can be overridden, e.g. --supernet-epochs 2 --depths 1 1 1
     for name, default in asdict(FULL).items():
         if name in ("image_size", "train_per_class", "val_per_class", "test_per_class"):
             continue  # those come from utils.add_common_args
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, tuple):
-            p.add_argument(flag, type=type(default[0]), nargs="+", default=None)
-        else:
-            p.add_argument(flag, type=type(default) if default is not None else float, default=None)
+        kw = dict(nargs="+", type=type(default[0])) if isinstance(default, tuple) else dict(type=type(default))
+        p.add_argument("--" + name.replace("_", "-"), default=None, help=f"full {default}, quick {getattr(QUICK, name)}", **kw)
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    overrides = {k: getattr(args, k) for k in asdict(cfg) if getattr(args, k, None) is not None}
-    # the common data flags default to "all data, no validation": the preset's values apply unless given
-    overrides.update(image_size=args.image_size if args.image_size != 32 else cfg.image_size,
-                     val_per_class=args.val_per_class or cfg.val_per_class)
-    for k in ("train_per_class", "test_per_class"):
-        overrides[k] = getattr(args, k) if getattr(args, k) is not None else getattr(cfg, k)
-    cfg = Preset(**{**asdict(cfg), **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}})
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k in asdict(cfg) if (v := getattr(args, k)) is not None}
+    cfg = Preset(**{**asdict(cfg), **overrides})
     for k in ("image_size", "train_per_class", "val_per_class", "test_per_class"):
         setattr(args, k, getattr(cfg, k))  # so utils.data_from_args loads what the preset says
     return args, cfg
