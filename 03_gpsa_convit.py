@@ -74,16 +74,18 @@ import utils
 # ------------------------------------------------------------------------------------------------ config
 
 PRESETS = {
-    # quick: CPU minutes. 500 images per class form the pool ("100%"); fractions are taken from it.
+    # quick: CPU minutes. 250 images per class form the pool ("100%"); fractions are taken from it. ~780 optimiser
+    # steps per run: at 10% (25 images per class, ~110 epochs) the models are trained long on few images, the
+    # paper's data-starved regime; at 100% (10 epochs) they are still compute-limited. 2 seeds at the low-data point.
     "quick": dict(embed_dim=48, depth=4, num_heads=4, local_up_to_layer=3, patch_size=4, mlp_ratio=2.0,
-                  train_per_class=500, test_per_class=100, fractions=[0.1, 0.25, 0.5, 1.0], base_epochs=3,
-                  ablation_fraction=0.1, track_epochs=6, batch_size=32, lr=2e-3, warmup_epochs=0.5, snapshots=10,
+                  train_per_class=250, test_per_class=200, fractions=[0.1, 1.0], base_epochs=10, low_seeds=2,
+                  ablation_fraction=0.1, track_epochs=12, batch_size=32, lr=2e-3, warmup_epochs=0.5, snapshots=10,
                   threads=1),  # 1 thread: on a shared 2-core box, 2 OpenMP threads collapsed to ~20 img/s (measured)
     # full: ConViT-Ti on all of CIFAR-10, for one GPU (not measured in this task).
     "full": dict(embed_dim=192, depth=12, num_heads=4, local_up_to_layer=10, patch_size=4, mlp_ratio=4.0,
                  train_per_class=None, test_per_class=None, fractions=[0.05, 0.1, 0.25, 0.5, 1.0], base_epochs=100,
                  ablation_fraction=0.1, track_epochs=100, batch_size=128, lr=1e-3, warmup_epochs=5.0, snapshots=20,
-                 threads=None),
+                 threads=None, low_seeds=1),
 }
 EXPERIMENTS = ("sample", "ablation", "locality", "maps")
 
@@ -104,6 +106,8 @@ def get_args(argv=None):
     p.add_argument("--locality-strength", type=float, default=1.0, help="alpha of eq. 5 (sharpness of the local init)")
     p.add_argument("--fractions", type=float, nargs="+", help="training-set fractions for the sample experiment")
     p.add_argument("--base-epochs", type=int, help="epochs at fraction 1; fraction f trains ~base/f epochs")
+    p.add_argument("--low-seeds", type=int, help="seeds (--seed, --seed+1, ...) for the smallest fraction of the "
+                   "sample experiment, where the variance is largest; the table reports their mean")
     p.add_argument("--ablation-fraction", type=float, help="low-data fraction used by the ablation")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -123,6 +127,8 @@ def get_args(argv=None):
         p.error(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
     if not 0 <= args.local_up_to_layer < args.depth:
         p.error(f"--local-up-to-layer must be in [0, depth={args.depth}): the class token needs >= 1 MHSA block")
+    if args.low_seeds < 1:
+        p.error(f"--low-seeds must be >= 1, got {args.low_seeds}")
     if not all(0 < f <= 1 for f in args.fractions + [args.ablation_fraction]):
         p.error("--fractions and --ablation-fraction must lie in (0, 1]")
     return args
@@ -356,12 +362,13 @@ def fraction_subset(y, frac, seed):
 # ------------------------------------------------------------------------------------------------ train
 
 def train_one(args, data, device, *, frac, convit=True, use_local_init=True, freeze_gate=False, name="",
-              step_hook=None, base_epochs=None):
+              step_hook=None, base_epochs=None, seed=None):
     """Train one model on `frac` of the training pool with the number of optimiser steps kept constant (epochs ~ 1/f,
     paper Table 2) and return (model, test accuracy %, info dict)."""
     base_epochs = base_epochs or args.base_epochs
-    utils.set_seed(args.seed)
-    idx = fraction_subset(data.y_train, frac, args.seed)
+    seed = args.seed if seed is None else seed  # seeds the subset, the init and the batch order
+    utils.set_seed(seed)
+    idx = fraction_subset(data.y_train, frac, seed)
     x, y = data.x_train[idx], data.y_train[idx]
     bs = min(args.batch_size, len(x))
     steps_full = max(1, len(data.x_train) // min(args.batch_size, len(data.x_train))) * base_epochs
@@ -372,7 +379,7 @@ def train_one(args, data, device, *, frac, convit=True, use_local_init=True, fre
             if b.use_gpsa:
                 b.attn.gating_param.data.zero_()
                 b.attn.gating_param.requires_grad_(False)
-    loader = utils.DeviceLoader(x, y, batch_size=bs, device=device, train=True, mean=data.mean, std=data.std, seed=args.seed)
+    loader = utils.DeviceLoader(x, y, batch_size=bs, device=device, train=True, mean=data.mean, std=data.std, seed=seed)
     test = utils.DeviceLoader(data.x_test, data.y_test, batch_size=256, device=device, train=False, mean=data.mean, std=data.std)
     every, seen = max(1, epochs // 4), [0]
 
@@ -382,11 +389,12 @@ def train_one(args, data, device, *, frac, convit=True, use_local_init=True, fre
             print("  " + line, flush=True)
 
     t0 = time.time()
-    utils.train(model, loader, epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
+    hist = utils.train(model, loader, epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
                 warmup_epochs=args.warmup_epochs * epochs / base_epochs, label_smoothing=0.1, grad_clip=1.0,
                 step_fn=step_hook, log=log, name=name)
     acc = utils.evaluate(model, test)
     info = {"train_images": len(x), "epochs": epochs, "steps": epochs * len(loader), "test_acc": acc,
+            "train_acc": hist[-1]["train_acc"],  # last epoch, on augmented batches: how well it fits its images
             "params": utils.count_params(model), "train_s": round(time.time() - t0, 1)}
     print(f"  {name}-> test {acc:.1f}% ({len(x)} images, {epochs} epochs, {info['steps']} steps, {info['train_s']}s)", flush=True)
     return model, acc, info
@@ -405,20 +413,32 @@ def exp_sample(args, data, device, out):
     print(f"\n== sample efficiency: fractions {args.fractions} of {len(data.x_train)} images ==", flush=True)
     rows = []
     for f in args.fractions:
-        r = {"fraction": f}
+        seeds = [args.seed + i for i in range(args.low_seeds if f == min(args.fractions) else 1)]
+        r = {"fraction": f, "seeds": seeds}
         for kind in ("deit", "convit"):
-            _, acc, info = train_one(args, data, device, frac=f, convit=kind == "convit", name=f"{kind} f={f} ")
-            r[kind], r["train_images"], r["epochs"] = acc, info["train_images"], info["epochs"]
+            accs, fits = [], []
+            for s in seeds:
+                _, acc, info = train_one(args, data, device, frac=f, convit=kind == "convit", seed=s,
+                                         name=f"{kind} f={f} seed={s} ")
+                accs.append(acc), fits.append(info["train_acc"])
+            r[kind], r[kind + "_per_seed"] = sum(accs) / len(accs), accs   # test % (mean over seeds)
+            r[kind + "_train"] = sum(fits) / len(fits)                      # train % of the last epoch (mean)
+            r["train_images"], r["epochs"], r["steps"] = info["train_images"], info["epochs"], info["steps"]
+        r["gain_per_seed"] = [c - d for c, d in zip(r["convit_per_seed"], r["deit_per_seed"])]
         rows.append(r)
-    print_table(["fraction", "images", "epochs", "DeiT %", "ConViT %", "gain"],
-                [[r["fraction"], r["train_images"], r["epochs"], f"{r['deit']:.1f}", f"{r['convit']:.1f}",
-                  f"{r['convit'] - r['deit']:+.1f}"] for r in rows])
+    print_table(["fraction", "images", "epochs", "steps", "seeds", "DeiT train/test %", "ConViT train/test %", "gain",
+                 "gain per seed"],
+                [[r["fraction"], r["train_images"], r["epochs"], r["steps"], len(r["seeds"]),
+                  f"{r['deit_train']:.1f} / {r['deit']:.1f}", f"{r['convit_train']:.1f} / {r['convit']:.1f}",
+                  f"{r['convit'] - r['deit']:+.1f}", " ".join(f"{g:+.1f}" for g in r["gain_per_seed"])] for r in rows])
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for kind, lab in (("deit", "DeiT"), ("convit", "ConViT")):
-        ax.plot([r["fraction"] for r in rows], [r[kind] for r in rows], "o-", label=lab)
+        line, = ax.plot([r["fraction"] for r in rows], [r[kind] for r in rows], "o-", label=lab + " (mean)")
+        ax.plot([r["fraction"] for r in rows for _ in r["seeds"]], [a for r in rows for a in r[kind + "_per_seed"]],
+                "x", color=line.get_color(), alpha=0.6)  # one cross per seed
     ax.set(xscale="log", xlabel="fraction of training set (epochs x 1/f)", ylabel="test accuracy %",
            title="Sample efficiency (paper Table 2)")
     ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(out, "sample.png"), dpi=120), plt.close(fig)
@@ -435,8 +455,9 @@ def exp_ablation(args, data, device, out):
     rows = []
     for label, kw in variants:
         _, acc, info = train_one(args, data, device, frac=f, name=f"[{label}] ", **kw)
-        rows.append({"variant": label, "test_acc": acc, **{k: info[k] for k in ("train_images", "epochs", "params")}})
-    print_table(["variant", "test %"], [[r["variant"], f"{r['test_acc']:.1f}"] for r in rows])
+        rows.append({"variant": label, "test_acc": acc,
+                     **{k: info[k] for k in ("train_acc", "train_images", "epochs", "steps", "params")}})
+    print_table(["variant", "train %", "test %"], [[r["variant"], f"{r['train_acc']:.1f}", f"{r['test_acc']:.1f}"] for r in rows])
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -171,6 +171,8 @@ def test_bad_input_gives_clear_errors():
         m.main(["--quick", "--image-size", "30"])
     with pytest.raises(SystemExit):
         m.main(["--quick", "--embed-dim", "30", "--num-heads", "4"])
+    with pytest.raises(SystemExit):
+        m.main(["--quick", "--low-seeds", "0"])
 
 
 def test_main_smoke_all_experiments(tiny_image_folder, tmp_path):
@@ -192,7 +194,9 @@ def test_main_smoke_all_experiments(tiny_image_folder, tmp_path):
     rows = res["sample"]["rows"]
     assert [r["train_images"] for r in rows] == [18, 36]
     assert rows[0]["epochs"] == 2 * rows[1]["epochs"]  # epochs x 1/f: the same number of steps
-    assert all(0 <= r[k] <= 100 for r in rows for k in ("deit", "convit"))
+    assert all(0 <= r[k] <= 100 for r in rows for k in ("deit", "convit", "deit_train", "convit_train"))
+    assert [len(r["convit_per_seed"]) for r in rows] == [2, 1]  # quick preset: 2 seeds at the smallest fraction
+    assert abs(rows[0]["convit"] - sum(rows[0]["convit_per_seed"]) / 2) < 1e-9
     assert [r["variant"] for r in res["ablation"]["rows"]][-1] == "DeiT"
     loc = res["locality"]
     assert len(loc["convit"]["nonlocality"][0]) == 3 and len(loc["convit"]["gates"][0]) == 2
