@@ -13,6 +13,16 @@ from conftest import load_script
 m = load_script("01_conv_vs_attention")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run small ops; with 2 OpenMP threads on a CPU that other jobs share, threads wait on each other
+    and the file took 6 minutes instead of ~40 s. One thread is robust; the previous setting is restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def conv_error(conv, x, alpha):
     with torch.no_grad():
         return (m.attention_from_conv(conv, alpha)(x) - conv(x)).abs().max().item()
