@@ -315,9 +315,9 @@ def test_entanglement_beats_classic_sharing_on_real_cifar(data_dir):
     args = m.get_args(["--quick", "--data", data_dir, "--train-per-class", "300", "--val-per-class", "50",
                        "--epochs", "6", "--batch-size", "64"])
     data = utils.data_from_args(args)
-    train_loader, val_loader, _ = m.make_loaders(data, args, torch.device("cpu"))
     loss, accs = {}, {}
     for cls in (m.SuperViT, m.ClassicSuperViT):
+        train_loader, val_loader, _ = m.make_loaders(data, args, torch.device("cpu"))  # the same batches for both
         torch.manual_seed(0)
         net = cls(space, image_size=32, patch_size=8, num_classes=10)
         hist, losses = m.train_supernet(net, space, train_loader, args, name="", log=lambda s: None)
