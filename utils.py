@@ -9,6 +9,7 @@ Nothing here knows about any one paper. Each script reads top to bottom on its o
     count_params, count_flops, measure_step   params, FLOPs (FlopCounterMode), img/s and memory
     save_results(path, config, metrics)       atomic JSON under runs/<script>/
 """
+import copy
 import hashlib
 import json
 import math
@@ -337,8 +338,10 @@ def count_flops(model, input_shape, device="cpu"):
 def measure_step(model, input_shape, *, batch_size=128, num_classes=10, steps=5, warmup=2, device="cpu", forward=None):
     """Train-step throughput (img/s: forward + backward, no optimizer) and memory in MB.
     Memory is the CUDA peak on a GPU; elsewhere the bytes autograd saves for backward (the activations), which is
-    what dominates a training step's memory and is the same on every device."""
+    what dominates a training step's memory and is the same on every device.
+    Runs on a copy: training steps on random inputs would overwrite a trained model's BatchNorm statistics."""
     forward = forward or (lambda m, x: m(x))
+    model = copy.deepcopy(model)
     x = torch.randn(batch_size, *input_shape, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     saved = [0]

@@ -85,6 +85,10 @@ def test_flops_params_and_measure():
     img_s, mem_mb = utils.measure_step(nn.Sequential(conv, nn.Flatten(), nn.Linear(960, 10)), (3, 10, 12),
                                        batch_size=4, steps=2, warmup=1, device=torch.device("cpu"))
     assert img_s > 0 and mem_mb > 0
+    bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 8 * 10, 10))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    utils.measure_step(bn, (3, 10, 12), batch_size=4, steps=1, warmup=1, device=torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())  # BatchNorm statistics untouched
 
 
 def test_save_results_atomic_json(tmp_path):
