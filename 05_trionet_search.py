@@ -57,9 +57,9 @@ end; SHRUNK: 16 px images so stages are 16/8/4 px, 3 searched blocks, 2500 train
       all-local                   27k     2.3      383         28.6
       all-axial                   25k     2.2     1001         27.0
       searched TrioNet            25k     1.8     1747         35.2
-  [4] inherited val % of 8 sharing-sensitive attention-only sub-networks: multi-head sharing 24.3, plain sharing 26.8
-      (paired difference +2.5 +- 1.3 s.e.), multi-head + uniform sampling 24.1 (-0.2 +- 1.1); uniform sampling trains local
-      attention more and axial less (inherited all-local 29.6 vs 27.4, all-axial 20.4 vs 22.6).
+  [4] inherited val % of 8 sharing-sensitive attention-only sub-networks: multi-head sharing 24.3, plain sharing
+      26.8 (paired difference +2.5 +- 1.3 s.e.), multi-head + uniform sampling 24.1 (-0.2 +- 1.1); uniform sampling
+      trains local attention more and axial less (inherited all-local 29.6 vs 27.4, all-axial 20.4 vs 22.6).
 What this shows, honestly: the samplers behave as sec. 3.2 says; convolution is the best single operator on this small
 data and the searched mix (conv + axial + conv, at 72% of the budget) matches it within noise (-0.8 points, 1 s.e.
 ~1.6), as the paper reports for small datasets. We do NOT reproduce the Multi-head Sharing advantage at this scale
