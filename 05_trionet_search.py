@@ -889,12 +889,13 @@ def run(argv=None):
         utils.set_seed(args.seed)
         net = space.build(c, nc).to(device)
         hist = utils.train(net, loaders[0], epochs=cfg.standalone_epochs, lr=cfg.lr, log=print, name=f"[{name}] ")
-        ips, _ = utils.measure_step(net, shape, batch_size=min(cfg.batch_size, 64), num_classes=nc, steps=2, warmup=1,
-                                      device=device)
+        # evaluate BEFORE timing: a timed train step on random inputs would move the BatchNorm statistics
         standalone[name] = {"config": [str(ch) for ch in c], "params": utils.count_params(net),
                             "flops": utils.count_flops(net, shape, device), "flops_analytical": space.flops(c, nc),
-                            "img_per_s": ips, "val_acc": utils.evaluate(net, val_loader),
-                            "test_acc": utils.evaluate(net, test_loader), "train_s": hist[-1]["elapsed_s"]}
+                            "val_acc": utils.evaluate(net, val_loader), "test_acc": utils.evaluate(net, test_loader),
+                            "train_s": hist[-1]["elapsed_s"]}
+        standalone[name]["img_per_s"], _ = utils.measure_step(net, shape, batch_size=min(cfg.batch_size, 64),
+                                                              num_classes=nc, steps=2, warmup=1, device=device)
 
     # rank correlation between inherited and stand-alone accuracy for the four nets, per supernet variant
     names = list(standalone)
