@@ -50,8 +50,8 @@ shared-CPU lock; 16 epochs = 1248 steps per supernet). See runs/04_autoformer_en
     Inherited weights come within 0.5-0.7 points of retraining the subnet from scratch for 16 epochs (paper Table 3:
     inherited ~ retrained); the short fine-tune changes little. Absolute accuracy is low because a tiny ViT sees only 5000 images for 16 epochs.
 
-    --bench (batch 64, 1 thread): a train step through the supernet takes 1.04-1.12x the time of the extracted
-    standalone ViT, mean 1.07x (target <= 1.15x).
+    --bench (batch 64, 1 thread, 3 random subnets + the largest): a train step through the supernet takes
+    1.02-1.10x the time of the extracted standalone ViT, mean 1.06x (target <= 1.15x).
 The full preset was NOT measured: no GPU was available for this task.
 
 Shape letters used in comments: B batch, C image channels, S image side, P patch side, N tokens (patches + class
