@@ -93,8 +93,6 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seeds", type=int, default=None, help="train every model with seeds seed, seed+1, ...")
     p.add_argument("--alpha", type=float, default=20.0, help="attention_from_conv sharpness (see its docstring)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default). On a CPU shared with other "
-                   "jobs, --threads 1 avoids OpenMP threads spinning against each other (often 10x faster there)")
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
     if args.quick and args.train_per_class is None:

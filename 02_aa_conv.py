@@ -91,9 +91,6 @@ def build_parser():
     p.add_argument("--no-relative", action="store_true", help="AA model without relative position logits")
     p.add_argument("--blocks", type=int, nargs=3, default=None, help="residual blocks per stage")
     p.add_argument("--aa-stages", type=int, nargs="*", default=None, help="stages (1-3) whose blocks get AA convs")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default). On a CPU shared with other jobs 1 thread can be "
-                        "several times faster than 2 (OpenMP threads wait for each other)")
     p.add_argument("--measure-batch", type=int, default=128, help="batch for the img/s and memory columns")
     p.add_argument("--bench-sizes", type=int, nargs="+", default=[32, 64], help="benchmark input sizes (square)")
     p.add_argument("--bench-batch", type=int, default=128,

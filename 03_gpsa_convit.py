@@ -126,7 +126,6 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, help="warmup at fraction 1 (scaled by 1/f like the epochs)")
     p.add_argument("--track-epochs", type=int, help="epochs of the two runs the locality and maps experiments analyse")
-    p.add_argument("--threads", type=int, help="torch CPU threads (quick preset: 1; full: torch's choice)")
     p.add_argument("--snapshots", type=int, help="how many times the locality experiment measures during training")
     utils.add_common_args(p)
     args = p.parse_args(argv)

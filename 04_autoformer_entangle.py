@@ -93,9 +93,6 @@ def get_args(argv=None):
     p.set_defaults(val_per_class=None)  # None -> the preset's value (the search needs a validation split)
     p.add_argument("--quick", action="store_true", help="small CPU preset (<= 10 min on 2 cores); default: full GPU preset")
     p.add_argument("--bench", action="store_true", help="only time a train step: supernet(x, cfg) vs extracted standalone ViT")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs use 1: OpenMP "
-                        "threads that wait for each other on busy cores made a train step ~10x slower here")
     g = p.add_argument_group("search space (paper Table 1)")
     g.add_argument("--embed-dims", type=int, nargs="+", help="embedding dim choices (one per network)")
     g.add_argument("--depths", type=int, nargs="+", help="depth choices")

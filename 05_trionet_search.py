@@ -132,7 +132,7 @@ def get_args(argv=None):
     p.add_argument("--no-ablation", action="store_true", help="skip experiment 4 (two extra supernets)")
     # any other Preset field can be overridden, e.g. --supernet-epochs 2 --depths 1 1 1
     for name, default in asdict(FULL).items():
-        if name in ("image_size", "train_per_class", "val_per_class", "test_per_class"):
+        if name in ("image_size", "train_per_class", "val_per_class", "test_per_class", "threads"):
             continue  # those come from utils.add_common_args
         kw = dict(nargs="+", type=type(default[0])) if isinstance(default, tuple) else dict(type=type(default))
         p.add_argument("--" + name.replace("_", "-"), default=None, help=f"full {default}, quick {getattr(QUICK, name)}", **kw)

@@ -43,6 +43,9 @@ def add_common_args(p):
                    help="images per class carved out of the TRAINING split for validation / search")
     p.add_argument("--test-per-class", type=int, default=None, help="subset of the test split (default all)")
     p.add_argument("--out", default=None, help="results folder (default runs/<script>)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the preset's, else torch's). On a CPU shared with other jobs use 1: "
+                        "OpenMP threads waiting on busy cores made training steps up to 10x slower on a 2-core machine")
     return p
 
 
