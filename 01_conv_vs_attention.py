@@ -541,8 +541,7 @@ def main(argv=None):
             accs.append(acc)
         trained[name] = model                                   # the last seed's model, for the figure
         shape = (3, args.image_size, args.image_size)
-        # on a copy: measure_step runs training steps on random inputs, which would overwrite BatchNorm's statistics
-        ips, mem = utils.measure_step(copy.deepcopy(model), shape, batch_size=args.batch_size,
+        ips, mem = utils.measure_step(model, shape, batch_size=args.batch_size,
                                       num_classes=data.num_classes, steps=3, warmup=1, device=device)
         acc_t = torch.tensor(accs)
         results[name] = dict(ops=list(MODELS[name]), params=utils.count_params(model),

@@ -889,7 +889,6 @@ def run(argv=None):
         utils.set_seed(args.seed)
         net = space.build(c, nc).to(device)
         hist = utils.train(net, loaders[0], epochs=cfg.standalone_epochs, lr=cfg.lr, log=print, name=f"[{name}] ")
-        # evaluate BEFORE timing: a timed train step on random inputs would move the BatchNorm statistics
         standalone[name] = {"config": [str(ch) for ch in c], "params": utils.count_params(net),
                             "flops": utils.count_flops(net, shape, device), "flops_analytical": space.flops(c, nc),
                             "val_acc": utils.evaluate(net, val_loader), "test_acc": utils.evaluate(net, test_loader),
