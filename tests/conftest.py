@@ -43,3 +43,23 @@ def tiny_image_folder(tmp_path, monkeypatch):
                 img[c] += 150  # each class has its own dominant colour, so it is learnable
                 Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:03d}.png")
     return str(root)
+
+
+@pytest.fixture
+def tiny_gray_folder(tmp_path, monkeypatch):
+    """A dataset unlike CIFAR-10, for "--quick fits any dataset": 4 classes of 28x28 GRAYSCALE PNGs, a `val/` split
+    instead of `test/`, and far fewer images (10 train / 3 val per class) than any preset asks for. Each class is a
+    bright bar in its own place, so it is learnable."""
+    monkeypatch.setenv("CMA_CACHE", str(tmp_path / "cache"))
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    root = tmp_path / "gray"
+    for split, n in (("train", 10), ("val", 3)):
+        for c, name in enumerate(["zero", "one", "two", "three"]):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = torch.randint(0, 80, (28, 28), generator=g, dtype=torch.uint8)
+                img[7 * c:7 * c + 7] += 150
+                Image.fromarray(img.numpy(), mode="L").save(d / f"{i:03d}.png")
+    return str(root)
