@@ -79,29 +79,22 @@ MODELS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_common_args(p)
     p.add_argument("--quick", action="store_true", help="CPU preset: 1500 training images, small widths, 4 epochs")
     p.add_argument("--bench", action="store_true", help="only time one layer of each kind (no data, no training)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {list(MODELS)}")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=utils.positive_int, default=None)
     p.add_argument("--widths", default=None, help="channels of the 3 stages, e.g. 16,32,64")
-    p.add_argument("--head-dim", type=int, default=None, help="channels per attention head d (heads = width / d)")
-    p.add_argument("--window", type=int, default=None, help="local attention window side k (odd)")
-    p.add_argument("--stem-stride", type=int, default=None, choices=(1, 2), help="2 halves every stage's resolution")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seeds", type=int, default=None, help="train every model with seeds seed, seed+1, ...")
-    p.add_argument("--alpha", type=float, default=20.0, help="attention_from_conv sharpness (see its docstring)")
+    p.add_argument("--head-dim", type=utils.positive_int, default=None, help="channels per attention head d (heads = width / d)")
+    p.add_argument("--window", type=utils.positive_int, default=None, help="local attention window side k (odd)")
+    p.add_argument("--stem-stride", type=utils.positive_int, default=None, choices=(1, 2), help="2 halves every stage's resolution")
+    p.add_argument("--batch-size", type=utils.positive_int, default=None)
+    p.add_argument("--lr", type=utils.positive_float, default=None)
+    p.add_argument("--seeds", type=utils.positive_int, default=None, help="train every model with seeds seed, seed+1, ...")
+    p.add_argument("--alpha", type=utils.positive_float, default=20.0, help="attention_from_conv sharpness (see its docstring)")
     args = p.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "full"]
-    if args.quick and args.train_per_class is None:
-        args.train_per_class = preset["train_per_class"]
-    if args.quick and args.test_per_class is None:
-        args.test_per_class = preset["test_per_class"]
-    for key in ("epochs", "widths", "head_dim", "window", "stem_stride", "batch_size", "lr", "seeds"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
+    utils.apply_preset(args, PRESETS["quick" if args.quick else "full"])
     if isinstance(args.widths, str):
         args.widths = tuple(int(w) for w in args.widths.split(","))
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -402,6 +395,15 @@ class Net(nn.Module):
         return self.head(x.mean((2, 3)))      # (B, classes)
 
 
+def full_preset_models(num_classes=10):
+    """Every model the full preset trains, at its real size: name -> (model, step_fn or None, image_size).
+    tests/test_utils.py runs one bf16-autocast training step of each on a CPU, so a full GPU run is known to start."""
+    a = get_args([])
+    return {name: (Net(ops=ops, widths=a.widths, head_dim=a.head_dim, window=a.window, image_size=a.image_size,
+                       stem_stride=a.stem_stride, num_classes=num_classes), None, a.image_size)
+            for name, ops in MODELS.items()}
+
+
 # ------------------------------------------------------------------------------------------------ experiment
 
 def run_model(name, args, data, device, seed):
@@ -416,7 +418,7 @@ def run_model(name, args, data, device, seed):
     # no per-epoch test evaluation (it would cost as much as training on CPU): the test set is scored once, at the end
     hist = utils.train(model, train_loader, epochs=args.epochs, lr=args.lr, weight_decay=0.05, warmup_epochs=1,
                        label_smoothing=0.1, grad_clip=1.0, name=f"{name} seed {seed} ")
-    acc = utils.evaluate(model, test_loader)
+    acc = utils.evaluate(model, test_loader).acc
     print(f"{name} seed {seed}: test accuracy {acc:.1f}%", flush=True)
     return model, acc, hist
 
@@ -572,7 +574,7 @@ def main(argv=None):
         swapped.stages[0][1].op1 = attention_from_conv(swapped.stages[0][1].op1, args.alpha)
         small = utils.DeviceLoader(data.x_test, data.y_test, batch_size=50, device=device, train=False,
                                    mean=data.mean, std=data.std)
-        acc_conv, acc_swapped = utils.evaluate(trained[conv_name], small), utils.evaluate(swapped, small)
+        acc_conv, acc_swapped = utils.evaluate(trained[conv_name], small).acc, utils.evaluate(swapped, small).acc
         metrics["conv_equivalence"] = {"model": conv_name, "alpha": args.alpha, "max_abs_err": err,
                                        "test_acc_conv": acc_conv, "test_acc_attention_swapped": acc_swapped,
                                        "head_nonlocality": nonlocality(probs[0], Hc, Wc, key_padding=1).tolist()}
@@ -600,4 +602,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

@@ -77,23 +77,23 @@ PRESETS = {
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_common_args(p)
     p.add_argument("--quick", action="store_true", help="small CPU preset (~5 min); default: the full GPU preset")
     p.add_argument("--bench", action="store_true", help="only run the AugmentedConv2d micro-benchmark")
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    p.add_argument("--seeds", type=int, default=None, help="training runs per model (seed, seed+1, ...)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--widths", type=int, nargs=3, default=None, help="channels of the 3 ResNet stages")
-    p.add_argument("--num-heads", type=int, default=None, help="Nh")
-    p.add_argument("--kappa", type=float, default=None, help="dk / F_out")
-    p.add_argument("--upsilon", type=float, default=None, help="dv / F_out")
+    p.add_argument("--epochs", type=utils.positive_int, default=None, help="override the preset's epochs")
+    p.add_argument("--seeds", type=utils.positive_int, default=None, help="training runs per model (seed, seed+1, ...)")
+    p.add_argument("--batch-size", type=utils.positive_int, default=None)
+    p.add_argument("--widths", type=utils.positive_int, nargs=3, default=None, help="channels of the 3 ResNet stages")
+    p.add_argument("--num-heads", type=utils.positive_int, default=None, help="Nh")
+    p.add_argument("--kappa", type=utils.positive_float, default=None, help="dk / F_out")
+    p.add_argument("--upsilon", type=utils.positive_float, default=None, help="dv / F_out")
     p.add_argument("--no-relative", action="store_true", help="AA model without relative position logits")
-    p.add_argument("--blocks", type=int, nargs=3, default=None, help="residual blocks per stage")
+    p.add_argument("--blocks", type=utils.positive_int, nargs=3, default=None, help="residual blocks per stage")
     p.add_argument("--aa-stages", type=int, nargs="*", default=None, help="stages (1-3) whose blocks get AA convs")
-    p.add_argument("--measure-batch", type=int, default=128, help="batch for the img/s and memory columns")
-    p.add_argument("--bench-sizes", type=int, nargs="+", default=[32, 64], help="benchmark input sizes (square)")
-    p.add_argument("--bench-batch", type=int, default=128,
+    p.add_argument("--measure-batch", type=utils.positive_int, default=128, help="batch for the img/s and memory columns")
+    p.add_argument("--bench-sizes", type=utils.positive_int, nargs="+", default=[32, 64], help="benchmark input sizes (square)")
+    p.add_argument("--bench-batch", type=utils.positive_int, default=128,
                    help="benchmark batch; lowered (and printed) where one (B, Nh, N, N) fp32 logit tensor would exceed "
                         "0.5 GiB on a CPU or 1/8 of the GPU memory")
     return p
@@ -108,6 +108,7 @@ def resolve_config(args):
     for key in ("widths", "blocks", "aa_stages"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key))
+    args.preset_keys = [k for k in ("train_per_class", "test_per_class") if getattr(args, k) is None]
     if args.train_per_class is None:
         args.train_per_class = cfg["train_per_class"]
     if args.test_per_class is None:
@@ -323,6 +324,14 @@ def build_model(cfg, *, num_classes, augmented):
                   upsilon=cfg["upsilon"], min_dkh=cfg["min_dkh"], relative=cfg["relative"], image_size=cfg["image_size"])
 
 
+def full_preset_models(num_classes=10):
+    """Every model the full preset trains, at its real size: name -> (model, step_fn or None, image_size).
+    tests/test_utils.py runs one bf16-autocast training step of each on a CPU, so a full GPU run is known to start."""
+    cfg = resolve_config(build_parser().parse_args([]))
+    return {name: (build_model(cfg, num_classes=num_classes, augmented=aug), None, cfg["image_size"])
+            for name, aug in (("ResNet", False), ("AA-ResNet", True))}
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 def make_loaders(data, cfg, device, seed):
@@ -345,7 +354,7 @@ def train_one(cfg, data, device, *, augmented, seed, log=print):
     # ~20% of the CPU budget)
     hist = utils.train(model, train_loader, epochs=cfg["epochs"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                        optimizer=cfg["optimizer"], log=log, name=name)
-    hist[-1]["test_acc"] = utils.evaluate(model, test_loader)
+    hist[-1]["test_acc"] = utils.evaluate(model, test_loader).acc
     log(f"{name}test accuracy {hist[-1]['test_acc']:.2f}%")
     return model, hist
 
@@ -514,4 +523,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

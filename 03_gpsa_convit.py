@@ -103,35 +103,33 @@ EXPERIMENTS = ("sample", "ablation", "locality", "maps")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = utils.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Presets (a flag you pass wins over its preset value):\n" +
                                        "\n".join(f"  {k}: {v}" for k, v in PRESETS.items()))
     p.add_argument("--experiment", default="all", choices=EXPERIMENTS + ("all",), help="which experiment to run")
     p.add_argument("--quick", action="store_true", help="CPU-sized preset (<= ~5 min per experiment on 2 cores)")
     p.add_argument("--bench", action="store_true", help="only measure train-step img/s of ConViT vs DeiT at batch 128")
-    p.add_argument("--embed-dim", type=int, help="C, the token width")
-    p.add_argument("--depth", type=int, help="L, number of blocks")
-    p.add_argument("--num-heads", type=int, help="h; a square number tiles a sqrt(h) x sqrt(h) grid of head centres")
-    p.add_argument("--local-up-to-layer", type=int, help="number of GPSA blocks before the class token (0 = DeiT)")
-    p.add_argument("--patch-size", type=int, help="P; the image size must be divisible by it")
-    p.add_argument("--mlp-ratio", type=float)
-    p.add_argument("--locality-strength", type=float, default=1.0, help="alpha of eq. 5 (sharpness of the local init)")
-    p.add_argument("--fractions", type=float, nargs="+", help="training-set fractions for the sample experiment")
-    p.add_argument("--base-epochs", type=int, help="epochs at fraction 1; fraction f trains ~base/f epochs")
-    p.add_argument("--low-seeds", type=int, help="seeds (--seed, --seed+1, ...) for the smallest fraction of the "
+    p.add_argument("--embed-dim", type=utils.positive_int, help="C, the token width")
+    p.add_argument("--depth", type=utils.positive_int, help="L, number of blocks")
+    p.add_argument("--num-heads", type=utils.positive_int, help="h; a square number tiles a sqrt(h) x sqrt(h) grid of head centres")
+    p.add_argument("--local-up-to-layer", type=utils.nonneg_int, help="number of GPSA blocks before the class token (0 = DeiT)")
+    p.add_argument("--patch-size", type=utils.positive_int, help="P; the image size must be divisible by it")
+    p.add_argument("--mlp-ratio", type=utils.positive_float)
+    p.add_argument("--locality-strength", type=utils.positive_float, default=1.0, help="alpha of eq. 5 (sharpness of the local init)")
+    p.add_argument("--fractions", type=utils.positive_float, nargs="+", help="training-set fractions for the sample experiment")
+    p.add_argument("--base-epochs", type=utils.positive_int, help="epochs at fraction 1; fraction f trains ~base/f epochs")
+    p.add_argument("--low-seeds", type=utils.positive_int, help="seeds (--seed, --seed+1, ...) for the smallest fraction of the "
                    "sample experiment, where the variance is largest; the table reports their mean")
-    p.add_argument("--ablation-fraction", type=float, help="low-data fraction used by the ablation")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, help="warmup at fraction 1 (scaled by 1/f like the epochs)")
-    p.add_argument("--track-epochs", type=int, help="epochs of the two runs the locality and maps experiments analyse")
-    p.add_argument("--snapshots", type=int, help="how many times the locality experiment measures during training")
+    p.add_argument("--ablation-fraction", type=utils.positive_float, help="low-data fraction used by the ablation")
+    p.add_argument("--batch-size", type=utils.positive_int)
+    p.add_argument("--lr", type=utils.positive_float)
+    p.add_argument("--weight-decay", type=utils.nonneg_float, default=0.05)
+    p.add_argument("--warmup-epochs", type=utils.positive_float, help="warmup at fraction 1 (scaled by 1/f like the epochs)")
+    p.add_argument("--track-epochs", type=utils.positive_int, help="epochs of the two runs the locality and maps experiments analyse")
+    p.add_argument("--snapshots", type=utils.positive_int, help="how many times the locality experiment measures during training")
     utils.add_common_args(p)
     args = p.parse_args(argv)
-    for k, v in PRESETS["quick" if args.quick else "full"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    utils.apply_preset(args, PRESETS["quick" if args.quick else "full"])
     if args.image_size % args.patch_size:
         p.error(f"--image-size {args.image_size} is not divisible by --patch-size {args.patch_size}")
     if args.embed_dim % args.num_heads:
@@ -356,6 +354,14 @@ def build_model(args, num_classes, *, convit=True, use_local_init=True):
                   locality_strength=args.locality_strength, use_local_init=use_local_init)
 
 
+def full_preset_models(num_classes=10):
+    """Every model the full preset trains, at its real size: name -> (model, step_fn or None, image_size).
+    tests/test_utils.py runs one bf16-autocast training step of each on a CPU, so a full GPU run is known to start."""
+    args = get_args([])
+    return {name: (build_model(args, num_classes, convit=convit), None, args.image_size)
+            for name, convit in (("DeiT", False), ("ConViT", True))}
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 def fraction_subset(y, frac, seed):
@@ -403,7 +409,7 @@ def train_one(args, data, device, *, frac, convit=True, use_local_init=True, fre
     hist = utils.train(model, loader, epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
                 warmup_epochs=args.warmup_epochs * epochs / base_epochs, label_smoothing=0.1, grad_clip=1.0,
                 step_fn=step_hook, log=log, name=name)
-    acc = utils.evaluate(model, test)
+    acc = utils.evaluate(model, test).acc
     info = {"train_images": len(x), "epochs": epochs, "steps": epochs * len(loader), "test_acc": acc,
             "train_acc": hist[-1]["train_acc"],  # last epoch, on augmented batches: how well it fits its images
             "params": utils.count_params(model), "train_s": round(time.time() - t0, 1)}
@@ -658,4 +664,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

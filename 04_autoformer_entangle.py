@@ -88,39 +88,37 @@ PRESETS = {
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     utils.add_common_args(p)
     p.set_defaults(val_per_class=None)  # None -> the preset's value (the search needs a validation split)
     p.add_argument("--quick", action="store_true", help="small CPU preset (<= 10 min on 2 cores); default: full GPU preset")
     p.add_argument("--bench", action="store_true", help="only time a train step: supernet(x, cfg) vs extracted standalone ViT")
     g = p.add_argument_group("search space (paper Table 1)")
-    g.add_argument("--embed-dims", type=int, nargs="+", help="embedding dim choices (one per network)")
-    g.add_argument("--depths", type=int, nargs="+", help="depth choices")
-    g.add_argument("--num-heads", type=int, nargs="+", help="heads choices (per layer)")
-    g.add_argument("--mlp-ratios", type=float, nargs="+", help="MLP ratio choices (per layer)")
-    g.add_argument("--head-dim", type=int, help="fixed head dim: q/k/v have heads x head_dim units")
-    g.add_argument("--patch-size", type=int, help="patch side in pixels")
+    g.add_argument("--embed-dims", type=utils.positive_int, nargs="+", help="embedding dim choices (one per network)")
+    g.add_argument("--depths", type=utils.positive_int, nargs="+", help="depth choices")
+    g.add_argument("--num-heads", type=utils.positive_int, nargs="+", help="heads choices (per layer)")
+    g.add_argument("--mlp-ratios", type=utils.positive_float, nargs="+", help="MLP ratio choices (per layer)")
+    g.add_argument("--head-dim", type=utils.positive_int, help="fixed head dim: q/k/v have heads x head_dim units")
+    g.add_argument("--patch-size", type=utils.positive_int, help="patch side in pixels")
     g = p.add_argument_group("supernet training (sec. 3.2) and retraining")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--epochs", type=int, help="supernet epochs (each supernet of the comparison gets the same)")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--n-compare", type=int, help="random subnets scored with inherited weights, entangled vs classic")
-    g.add_argument("--finetune-epochs", type=int)
-    g.add_argument("--finetune-lr", type=float)
-    g.add_argument("--retrain-epochs", type=int, help="epochs to retrain the best subnet from scratch")
+    g.add_argument("--batch-size", type=utils.positive_int)
+    g.add_argument("--epochs", type=utils.positive_int, help="supernet epochs (each supernet of the comparison gets the same)")
+    g.add_argument("--lr", type=utils.positive_float)
+    g.add_argument("--weight-decay", type=utils.nonneg_float)
+    g.add_argument("--n-compare", type=utils.positive_int, help="random subnets scored with inherited weights, entangled vs classic")
+    g.add_argument("--finetune-epochs", type=utils.positive_int)
+    g.add_argument("--finetune-lr", type=utils.positive_float)
+    g.add_argument("--retrain-epochs", type=utils.positive_int, help="epochs to retrain the best subnet from scratch")
     g = p.add_argument_group("evolutionary search (sec. 3.3)")
-    g.add_argument("--population", type=int, help="candidates evaluated per generation (paper 50)")
-    g.add_argument("--generations", type=int, help="generations, the initial random one included (paper 20)")
-    g.add_argument("--parents", type=int, help="top-k kept as parents (paper 10)")
-    g.add_argument("--p-depth", type=float, default=0.2, help="depth mutation probability Pd (paper: 0.2)")
-    g.add_argument("--p-layer", type=float, default=0.4, help="per-layer mutation probability Pm (paper: 0.4)")
+    g.add_argument("--population", type=utils.positive_int, help="candidates evaluated per generation (paper 50)")
+    g.add_argument("--generations", type=utils.positive_int, help="generations, the initial random one included (paper 20)")
+    g.add_argument("--parents", type=utils.positive_int, help="top-k kept as parents (paper 10)")
+    g.add_argument("--p-depth", type=utils.nonneg_float, default=0.2, help="depth mutation probability Pd (paper: 0.2)")
+    g.add_argument("--p-layer", type=utils.nonneg_float, default=0.4, help="per-layer mutation probability Pm (paper: 0.4)")
     g.add_argument("--param-range", type=float, nargs=2, metavar=("LO", "HI"),
                    help="allowed subnet size in millions of parameters (default: the middle 35%%-70%% of the space)")
     args = p.parse_args(argv)
-    for k, v in PRESETS["quick" if args.quick else "full"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    utils.apply_preset(args, PRESETS["quick" if args.quick else "full"])
     if args.val_per_class <= 0:
         p.error("--val-per-class must be > 0: the search scores candidates on a validation split carved from train")
     if args.parents > args.population:
@@ -459,24 +457,41 @@ def make_loaders(data, args, device):
 
 # ------------------------------------------------------------------------------------------------ train
 
+def supernet_step_fn(space, generator, step_losses, sample=sample_config):
+    """utils.train step_fn: one subnet `sample(space, generator)` per step, trained on the batch."""
+    def step_fn(m, x, y):
+        with utils.autocast(x.device):
+            logits = m(x, sample(space, generator))
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+        loss.backward()
+        step_losses.append(loss.item())
+        return loss, logits
+    return step_fn
+
+
 def train_supernet(model, space, train_loader, args, *, name, log=print):
     """Paper sec. 3.2: every step samples ONE subnet uniformly and trains it on the batch. The config sequence comes
     from its own seeded generator, so the entangled and the classic supernet see the same subnets on the same batches.
     Gradients are exactly zero outside the sampled slices (tests check it); note that AdamW's momentum still moves
     those weights a little, as in the official code -- blocks beyond the sampled depth get no gradient and stay put."""
-    gen, step_losses = torch.Generator().manual_seed(args.seed + 1), []
-
-    def step_fn(m, x, y):
-        cfg = sample_config(space, gen)
-        logits = m(x, cfg)
-        loss = F.cross_entropy(logits, y, label_smoothing=0.1)
-        loss.backward()
-        step_losses.append(loss.item())
-        return loss, logits
-
+    step_losses = []
+    step_fn = supernet_step_fn(space, torch.Generator().manual_seed(args.seed + 1), step_losses)
     hist = utils.train(model, train_loader, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                        step_fn=step_fn, log=log, name=name)
     return hist, step_losses
+
+
+def full_preset_models(num_classes=10):
+    """Every model the full preset trains, at its real size: name -> (model, step_fn or None, image_size).
+    tests/test_utils.py runs one bf16-autocast training step of each on a CPU, so a full GPU run is known to start."""
+    args = get_args([])
+    space = SearchSpace(args.embed_dims, args.depths, args.num_heads, args.mlp_ratios, args.head_dim)
+    models = {}
+    for name, cls in (("entangled supernet", SuperViT), ("classic supernet", ClassicSuperViT)):
+        step_fn = supernet_step_fn(space, None, [], sample=lambda sp, g: largest_config(sp))
+        models[name] = (cls(space, image_size=args.image_size, patch_size=args.patch_size, num_classes=num_classes),
+                        step_fn, args.image_size)
+    return models
 
 
 def train_plain(model, train_loader, *, epochs, lr, args, warmup_epochs=1.0, name="", log=print):
@@ -619,7 +634,7 @@ def random_search(fitness, space, *, constraint, population, generations, parent
 
 def inherited_acc(supernet, config, loader):
     """Accuracy of a subnet with the weights it inherits from the supernet (no retraining)."""
-    return utils.evaluate(supernet, loader, forward=lambda m, x: m(x, config))
+    return utils.evaluate(supernet, loader, forward=lambda m, x: m(x, config)).acc
 
 
 def bench(args, device, num_classes=10, n_configs=3, repeats=3):
@@ -787,13 +802,13 @@ def main(argv=None):
             "EA best, inherited": (inherited_acc(entangled, ea_best, val_loader), inherited_acc(entangled, ea_best, test_loader))}
     sub = extract_subnet(entangled, ea_best)
     train_plain(sub, train_loader, epochs=args.finetune_epochs, lr=args.finetune_lr, args=args, warmup_epochs=0, name="fine-tune ")
-    rows["EA best, inherited + fine-tune"] = (utils.evaluate(sub, val_loader), utils.evaluate(sub, test_loader))
+    rows["EA best, inherited + fine-tune"] = (utils.evaluate(sub, val_loader).acc, utils.evaluate(sub, test_loader).acc)
     utils.set_seed(args.seed)
     scratch = ViT(image_size=args.image_size, patch_size=args.patch_size, num_classes=K, embed_dim=ea_best["embed_dim"],
                   num_heads=list(ea_best["num_heads"]), head_dim=args.head_dim,
                   mlp_hidden=[mlp_hidden_dim(r, ea_best["embed_dim"]) for r in ea_best["mlp_ratio"]]).to(device)
     train_plain(scratch, train_loader, epochs=args.retrain_epochs, lr=args.lr, args=args, name="scratch   ")
-    rows[f"EA best, retrained from scratch ({args.retrain_epochs} ep)"] = (utils.evaluate(scratch, val_loader), utils.evaluate(scratch, test_loader))
+    rows[f"EA best, retrained from scratch ({args.retrain_epochs} ep)"] = (utils.evaluate(scratch, val_loader).acc, utils.evaluate(scratch, test_loader).acc)
     print(f"\n| best subnet ({config_str(ea_best)}, {count(ea_best)/1e3:.0f}k params) | val top-1 % | test top-1 % |\n|---|---:|---:|")
     for k, (v, t) in rows.items():
         print(f"| {k} | {v:.1f} | {t:.1f} |")
@@ -813,4 +828,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

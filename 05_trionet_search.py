@@ -123,7 +123,7 @@ QUICK = Preset(image_size=16, stem_channels=16, stage_channels=(32, 64, 128), mi
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_common_args(p)
     # the data-size flags default to the preset's values (utils' defaults mean "all data, no validation split")
     p.set_defaults(image_size=None, val_per_class=None)
@@ -140,6 +140,7 @@ def get_args(argv=None):
     cfg = QUICK if args.quick else FULL
     overrides = {k: tuple(v) if isinstance(v, list) else v for k in asdict(cfg) if (v := getattr(args, k)) is not None}
     cfg = Preset(**{**asdict(cfg), **overrides})
+    args.preset_keys = [k for k in ("train_per_class", "val_per_class", "test_per_class") if getattr(args, k) is None]
     for k in ("image_size", "train_per_class", "val_per_class", "test_per_class"):
         setattr(args, k, getattr(cfg, k))  # so utils.data_from_args loads what the preset says
     return args, cfg
@@ -608,6 +609,18 @@ def sandwich_step_fn(space, *, sampler, n_random, generator, label_smoothing=0.1
     return step
 
 
+def full_preset_models(num_classes=10):
+    """Every model the full preset trains, at its real size: name -> (model, step_fn or None, image_size).
+    tests/test_utils.py runs one bf16-autocast training step of each on a CPU, so a full GPU run is known to start."""
+    args, cfg = get_args([])
+    space = SearchSpace(image_size=cfg.image_size, stem_channels=cfg.stem_channels, stage_channels=cfg.stage_channels,
+                        mid_channels=cfg.mid_channels, depths=cfg.depths, max_heads=cfg.max_heads,
+                        head_choices=cfg.head_choices, width_ratios=cfg.width_ratios, conv_kernels=cfg.conv_kernels,
+                        local_windows=cfg.local_windows)
+    step = sandwich_step_fn(space, sampler=sample_hierarchical, n_random=cfg.n_random, generator=torch.Generator().manual_seed(0))
+    return {"supernet": (TrioNetSupernet(space, num_classes=num_classes), step, cfg.image_size)}
+
+
 def train_supernet(space, data_loaders, *, num_classes, sharing, sampler, cfg, seed, log, name):
     train_loader = data_loaders[0]
     utils.set_seed(seed)
@@ -643,7 +656,7 @@ def inherited_accuracy(supernet, config, val_loader, calib_loader):
     """Validation accuracy (%) of a sub-network with inherited weights (after BN re-estimation)."""
     fwd = lambda m, x: m(x, config)
     recalibrate_bn(supernet, fwd, calib_loader)
-    return utils.evaluate(supernet, val_loader, forward=fwd)
+    return utils.evaluate(supernet, val_loader, forward=fwd).acc
 
 
 def evolutionary_search(space, fitness, *, budget, population, generations, parents, mutate_prob, generator, log,
@@ -857,9 +870,9 @@ def run(argv=None):
           f"{space.flops(best, nc) / 1e6:.1f} MFLOPs  ({len(scores)} sub-networks scored in {search_s:.0f}s)")
     recalibrate_bn(supernet, lambda m, x: m(x, best), calib_loader)
     sub = extract_subnet(supernet, best)
-    sub_val = utils.evaluate(sub, val_loader)
+    sub_val = utils.evaluate(sub, val_loader).acc
     print(f"extract_subnet(best): stand-alone copy with inherited weights gets val {sub_val:.1f}% "
-          f"(supernet forward: {utils.evaluate(supernet, val_loader, forward=lambda m, x: m(x, best)):.1f}%)")
+          f"(supernet forward: {utils.evaluate(supernet, val_loader, forward=lambda m, x: m(x, best)).acc:.1f}%)")
 
     # 4. ablation: multi-head vs plain sharing, hierarchical vs uniform sampling --------------------------------
     g = torch.Generator().manual_seed(args.seed + 2)
@@ -891,7 +904,7 @@ def run(argv=None):
         hist = utils.train(net, loaders[0], epochs=cfg.standalone_epochs, lr=cfg.lr, log=print, name=f"[{name}] ")
         standalone[name] = {"config": [str(ch) for ch in c], "params": utils.count_params(net),
                             "flops": utils.count_flops(net, shape, device), "flops_analytical": space.flops(c, nc),
-                            "val_acc": utils.evaluate(net, val_loader), "test_acc": utils.evaluate(net, test_loader),
+                            "val_acc": utils.evaluate(net, val_loader).acc, "test_acc": utils.evaluate(net, test_loader).acc,
                             "train_s": hist[-1]["elapsed_s"]}
         standalone[name]["img_per_s"], _ = utils.measure_step(net, shape, batch_size=min(cfg.batch_size, 64),
                                                               num_classes=nc, steps=2, warmup=1, device=device)
@@ -942,4 +955,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

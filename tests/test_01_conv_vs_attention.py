@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from conftest import load_script
+import utils
 
 m = load_script("01_conv_vs_attention")
 
@@ -237,10 +238,10 @@ def test_main_end_to_end_on_tiny_image_folder(tiny_image_folder, tmp_path):
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="--data"):
+    with pytest.raises(utils.InputError, match="--data"):
         m.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     (tmp_path / "no_train" / "test" / "cat").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="train/<class>"):
+    with pytest.raises(utils.InputError, match="train/<class>"):
         m.main(["--data", str(tmp_path / "no_train"), "--out", str(tmp_path / "o")])
     for bad, msg in ((["--widths", "16,30,64"], "multiple of --head-dim"), (["--window", "4"], "odd"),
                      (["--image-size", "30"], "divisible"), (["--models", "all-conv,mlp"], "unknown --models")):
@@ -259,7 +260,7 @@ def test_real_cifar10_attention_model_learns(data_dir):
     tr = utils.DeviceLoader(d.x_train, d.y_train, batch_size=32, device=dev, train=True, seed=0)
     te = utils.DeviceLoader(d.x_test, d.y_test, batch_size=250, device=dev, train=False)
     hist = utils.train(model, tr, epochs=5, lr=3e-3, log=print)   # 5 x 62 = 310 steps
-    acc = utils.evaluate(model, te)
+    acc = utils.evaluate(model, te).acc
     print(f"hybrid after {5 * len(tr)} steps: test accuracy {acc:.1f}% on {len(d.y_test)} images (chance 10%)")
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert acc > 25.0
