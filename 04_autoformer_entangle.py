@@ -117,10 +117,10 @@ PRESETS = {
     "quick": dict(train_per_class=500, val_per_class=250, test_per_class=None,
                   embed_dims=[48, 56, 64], depths=[3, 4, 5], num_heads=[2, 3, 4], mlp_ratios=[2.0, 3.0, 4.0],
                   head_dim=16, patch_size=8, gp=True, max_rel_pos=14,
-                  batch_size=64, epochs=16, lr=2e-3, weight_decay=0.05, n_compare=20,
+                  batch_size=64, epochs=14, lr=2e-3, weight_decay=0.05, n_compare=20,
                   table_embed_dims=[48, 56, 64], table_depths=[3, 4], table_num_heads=[2, 4], table_mlp_ratios=[2.0, 4.0],
                   n_val_test=40, population=10, parents=5, budgets=[10, 20, 30, 50, 100], repeats=100,
-                  n_rank=8, inherit_seeds=4, finetune_epochs=2, finetune_lr=4e-4, retrain_epochs=16,
+                  n_rank=8, inherit_seeds=4, finetune_epochs=2, finetune_lr=4e-4, retrain_epochs=14,
                   workers=2, threads=1),  # 1 torch thread per process: 2 OpenMP threads on a shared CPU ran ~10x slower
     # full: the AutoFormer-T space (paper Table 1) on 32x32 CIFAR with patch 4 (64 tokens), for one GPU. Not measured.
     "full": dict(train_per_class=None, val_per_class=500, test_per_class=None,
@@ -910,6 +910,7 @@ class Lab:
         self.table_configs = all_configs(self.table_space)
         self.params = {config_key(c): self.count(c) for c in self.table_configs}
         self._val, self._test = {}, {}  # key -> per-image (correct, nll) on val / test, seed args.seed
+        self._search_runs = None  # the tabular benchmark's searches (search_runs)
 
     def in_range(self, config):
         return self.param_range[0] <= self.count(config) <= self.param_range[1]
@@ -1123,31 +1124,44 @@ def simulate(lab, val, constraint, kind):
     return res
 
 
+def search_runs(lab):
+    """The tabular benchmark's searches, run once (prefetch needs their picks early, to score them on test with the
+    other jobs): {(setting, fitness kind): simulate(...)}. Two settings: the parameter range (as the real search),
+    and the whole table without a constraint -- a larger space, where random search should struggle more."""
+    if lab._search_runs is None:
+        a, val = lab.args, lab.table()
+        lab.settings = {"in range": lambda c: lab.in_range(c) and config_key(c) in val,
+                        "whole table": lambda c: config_key(c) in val}
+        lab.setting_sizes = {s: sum(ok(c) for c in lab.table_configs) for s, ok in lab.settings.items()}
+        if max(a.budgets) > min(lab.setting_sizes.values()):
+            raise utils.InputError(f"--budgets up to {max(a.budgets)} but only {min(lab.setting_sizes.values())} table "
+                                   f"configs are in range: use smaller budgets or a larger table (--table-*)")
+        lab._search_runs = {(s, k): simulate(lab, val, ok, k) for s, ok in lab.settings.items() for k in ("nll", "acc")}
+    return lab._search_runs
+
+
+def search_picks(lab):
+    return [c for sim in search_runs(lab).values() for m in sim.values() for c in m["picks"]]
+
+
 def exp_tabular(lab, out):
     """A tabular NAS benchmark in miniature (as NAS-Bench-201): every config of a sub-space is scored once with
-    inherited weights, then evolution and random search run `repeats` times each on the cached scores. Evolution's
-    advantage, if any, lives in sample efficiency: regret (optimum - best found so far) against the number of
-    evaluations, averaged over repeats. Two settings: the parameter range (as the real search), and the whole table
-    without a constraint -- a larger space, where random search should struggle more."""
+    inherited weights, then evolution and random search run `repeats` times each on the cached scores (search_runs).
+    Evolution's advantage, if any, lives in sample efficiency: regret (optimum - best found so far) against the number
+    of evaluations, averaged over repeats; then the test accuracy of what each method picked."""
     a, val = lab.args, lab.table()
-    settings = {"in range": lambda c: lab.in_range(c) and config_key(c) in val, "whole table": lambda c: config_key(c) in val}
-    sizes = {s: sum(ok(c) for c in lab.table_configs) for s, ok in settings.items()}
-    if max(a.budgets) > min(sizes.values()):
-        raise utils.InputError(f"--budgets up to {max(a.budgets)} but only {min(sizes.values())} table configs are in range: "
-                               f"use smaller budgets or a larger table (--table-*)")
-    print(f"\n== tabular: all {len(val)} configs of the sub-space {space_str(lab.table_space)} scored on val; {a.repeats} runs per method; evolution: "
-          f"population {a.population}, top-{a.parents}, Pd={a.p_depth}, Pm={a.p_layer} ==", flush=True)
-    sims = {(s, k): simulate(lab, val, ok, k) for s, ok in settings.items() for k in ("nll", "acc")}
-    picks = [c for sim in sims.values() for m in sim.values() for c in m["picks"]]
+    print(f"\n== tabular: all {len(val)} configs of the sub-space {space_str(lab.table_space)} scored on val; {a.repeats} "
+          f"runs per method; evolution: population {a.population}, top-{a.parents}, Pd={a.p_depth}, Pm={a.p_layer} ==", flush=True)
+    sims, picks = search_runs(lab), search_picks(lab)
     test = lab.scores("test", picks)
     noise = 1000 * paired_se(lab.per_image("val", lab.candidates()), 1, random.Random(a.seed + 7))
     print(f"noise scale: two candidates' val NLLs differ by a median SE of {noise:.1f} millinats (same images)")
-    report = {}
+    sizes, report = lab.setting_sizes, {}
     for (s, kind), sim in sims.items():
         report[f"{s}/{kind}"] = report_search(sim, test, kind, f"{s} ({sizes[s]} configs), fitness = val {kind}", a.budgets)
     plot_tabular(os.path.join(out, "tabular.png"), sims, sizes, noise)
-    return {"table_size": len(val), "noise_millinats": noise, "setting_sizes": sizes, "distinct_picks": len({config_key(c) for c in picks}),
-            "report": report, "table": {str(k): tuple(v) for k, v in val.items()}}
+    return {"table_size": len(val), "noise_millinats": noise, "setting_sizes": sizes, "report": report,
+            "distinct_picks": len({config_key(c) for c in picks}), "table": {str(k): tuple(v) for k, v in val.items()}}
 
 
 def report_search(sim, test, kind, title, budgets):
@@ -1351,6 +1365,8 @@ def prefetch(lab, todo):
     later = []
     if "fitness" in todo:
         later += lab.score_specs("test", fitness_sample(lab))
+    if "tabular" in todo:
+        later += lab.score_specs("test", search_picks(lab))
     if "ranking" in todo:
         later += lab.score_specs("test", ranking_picks(lab))
         later += [("subnet", config_key(c), lab.args.seed, "retrain") for c in ranking_picks(lab)]
