@@ -997,18 +997,9 @@ def print_table(header, rows):
         print("| " + " | ".join(str(v) for v in r) + " |")
 
 
-def kendall_tau_fast(a, b):
-    """utils.kendall_tau (tau-b, ties counted) vectorised with numpy: the same number (a test checks), O(n^2) memory."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    iu = np.triu_indices(len(a), 1)
-    sa, sb = np.sign(a[:, None] - a[None, :])[iu], np.sign(b[:, None] - b[None, :])[iu]  # (pairs,) each
-    denom = math.sqrt(float((sa != 0).sum()) * float((sb != 0).sum()))
-    return float((sa * sb).sum() / denom) if denom else float("nan")
-
-
 def tau_ci(a, b, seed=0):
     """(tau, low, high): Kendall's tau of a and b and its 95% bootstrap interval, resampling the items."""
-    return utils.bootstrap_ci(kendall_tau_fast, list(a), list(b), n_boot=1000, seed=seed)
+    return utils.bootstrap_ci(utils.kendall_tau, list(a), list(b), n_boot=1000, seed=seed)
 
 
 def fmt_ci(v, digits=2):

@@ -283,15 +283,6 @@ def test_trie_scores_equal_one_evaluation_per_subnet(options):
         assert got.acc == pytest.approx(ref.acc, abs=1e-9) and got.nll == pytest.approx(ref.nll, abs=1e-5), m.config_str(c)
 
 
-def test_fast_kendall_tau_equals_utils():
-    rng = random.Random(0)
-    for n in (3, 10, 40):
-        a = [rng.choice(range(5)) for _ in range(n)]  # with ties
-        b = [x + rng.random() * 3 for x in a]
-        assert m.kendall_tau_fast(a, b) == pytest.approx(utils.kendall_tau(a, b), abs=1e-12)
-        assert m.kendall_tau_fast(a, a[::-1]) == pytest.approx(utils.kendall_tau(a, a[::-1]), abs=1e-12)
-
-
 # ------------------------------------------------------------------------------------------------ the classic baseline
 
 def test_classic_sharing_trains_only_the_chosen_modules():
@@ -360,7 +351,6 @@ def test_pd_drives_depth_and_embed_dim_pm_drives_per_layer_genes():
 def test_crossover_children_take_every_gene_from_a_parent():
     """Parents with different values in every gene: each child gene must be one of its parents' values at that
     position (layers only the deeper parent has come from it), and both parents must contribute about half."""
-    space = m.SearchSpace((16, 24, 32), (2, 3, 4), (1, 2, 3), (1.0, 2.0, 3.0), 8)
     a = {"embed_dim": 16, "depth": 2, "num_heads": (1, 1), "mlp_ratio": (1.0, 1.0)}
     b = {"embed_dim": 32, "depth": 4, "num_heads": (3, 3, 3, 3), "mlp_ratio": (3.0, 3.0, 3.0, 3.0)}
     rng, kids = random.Random(1), []
