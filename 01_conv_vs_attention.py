@@ -48,8 +48,10 @@ T sequence length in axial attention (rows: S = H, T = W).
 """
 import argparse
 import copy
+import functools
 import math
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -60,14 +62,18 @@ import utils
 # ------------------------------------------------------------------------------------------------ config
 
 PRESETS = {
-    # 2-core CPU, ~4 minutes: small widths, 1500 real CIFAR-10 training images (150 per class), 1000 test images, 2 seeds.
-    # The stem has stride 2 (stages at 16, 8, 4 pixels): on a CPU, local attention is ~15x slower per image than a
-    # conv of the same width (see --bench), so full resolution would not fit in 5 minutes.
-    "quick": dict(train_per_class=150, test_per_class=100, epochs=4, widths=(16, 32, 64), head_dim=8, window=5,
-                  stem_stride=2, batch_size=64, lr=3e-3, seeds=2),
+    # 2-core CPU, <= 10 min with --workers 2 (measured, see RESULTS). Every run: 312 steps of batch 64 (2 epochs of the
+    # 10,000-image set, 20 of the 1,000-image one), scored on all 10,000 test images. all-axial trains at ~240 img/s
+    # on one core (all-conv ~1,650), so 4 paired seeds (3 for all-axial) of all four models plus the small-data runs
+    # of all-conv and all-local fill the budget; see the docstring for what was traded away.
+    "quick": dict(train_per_class=1000, scaling_factor=10, test_per_class=None, val_per_class=0, epochs=2,
+                  widths=(16, 32, 128), head_dim=16, window=3, stem_stride=2, batch_size=64, lr=3e-3,
+                  seeds=4, axial_seeds=3, scaling_models=("all-local",), swap_images=2000, workers=2, threads=1),
     # one GPU, full CIFAR-10 at full resolution, SASA's 7x7 window (not measured here: no GPU was available).
-    "full": dict(train_per_class=None, test_per_class=None, epochs=15, widths=(64, 128, 256), head_dim=16, window=7,
-                 stem_stride=1, batch_size=128, lr=2e-3, seeds=2),
+    "full": dict(train_per_class=5000, scaling_factor=10, test_per_class=None, val_per_class=0, epochs=30,
+                 widths=(64, 128, 256), head_dim=16, window=7, stem_stride=1, batch_size=128, lr=2e-3,
+                 seeds=3, axial_seeds=3, scaling_models=("all-local", "all-axial", "hybrid"), swap_images=10000,
+                 workers=1, threads=None),
 }
 # which spatial operator each of the three stages uses (stage resolution S/s, S/2s, S/4s: image S, stem stride s)
 MODELS = {
@@ -76,31 +82,49 @@ MODELS = {
     "all-axial": ("axial", "axial", "axial"),
     "hybrid": ("conv", "conv", "local"),  # Ramachandran et al. 2019 sec. 4.3: convs early, attention late
 }
+EXPERIMENTS = ("compare", "scaling", "swap")
 
 
 def get_args(argv=None):
-    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog="Presets (a flag you pass wins over its preset value):\n" +
+                                    "\n".join(f"  {k}: {v}" for k, v in PRESETS.items()))
     utils.add_common_args(p)
-    p.add_argument("--quick", action="store_true", help="CPU preset: 1500 training images, small widths, 4 epochs")
-    p.add_argument("--bench", action="store_true", help="only time one layer of each kind (no data, no training)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {list(MODELS)}")
-    p.add_argument("--epochs", type=utils.positive_int, default=None)
-    p.add_argument("--widths", default=None, help="channels of the 3 stages, e.g. 16,32,64")
+    p.add_argument("--quick", action="store_true", help="CPU preset (<= 10 min on 2 cores with --workers 2)")
+    p.add_argument("--bench", action="store_true", help="only time single layers: SASA unfold vs fast, conv, axial")
+    p.add_argument("--experiment", default="all", choices=EXPERIMENTS + ("all",), help="which experiment to run")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {list(MODELS)} (all-conv is always trained: "
+                   "every comparison is against it)")
+    p.add_argument("--epochs", type=utils.positive_int, default=None,
+                   help="epochs at the large training set; every run gets the same number of optimizer steps")
+    p.add_argument("--scaling-factor", type=utils.positive_int, default=None,
+                   help="the small training set has train-per-class / this many images per class")
+    p.add_argument("--scaling-models", default=None, help="attention models trained at the small size too (comma list)")
+    p.add_argument("--widths", default=None, help="all-conv's channels in the 3 stages, e.g. 16,32,64; attention stages are "
+                   "widened to the same parameter count")
     p.add_argument("--head-dim", type=utils.positive_int, default=None, help="channels per attention head d (heads = width / d)")
     p.add_argument("--window", type=utils.positive_int, default=None, help="local attention window side k (odd)")
-    p.add_argument("--stem-stride", type=utils.positive_int, default=None, choices=(1, 2), help="2 halves every stage's resolution")
+    p.add_argument("--stem-stride", type=utils.positive_int, default=None, choices=(1, 2, 4), help="2 halves every stage's resolution")
     p.add_argument("--batch-size", type=utils.positive_int, default=None)
     p.add_argument("--lr", type=utils.positive_float, default=None)
-    p.add_argument("--seeds", type=utils.positive_int, default=None, help="train every model with seeds seed, seed+1, ...")
+    p.add_argument("--seeds", type=utils.positive_int, default=None, help="paired seeds seed, seed+1, ... for every model")
+    p.add_argument("--axial-seeds", type=utils.positive_int, default=None,
+                   help="paired seeds for all-axial, the first of --seeds (it costs ~7x all-conv per step on a CPU)")
+    p.add_argument("--swap-images", type=utils.positive_int, default=None,
+                   help="test images (every n-th, so all classes) scored by the attention twin")
     p.add_argument("--alpha", type=utils.positive_float, default=20.0, help="attention_from_conv sharpness (see its docstring)")
     args = p.parse_args(argv)
     utils.apply_preset(args, PRESETS["quick" if args.quick else "full"])
     if isinstance(args.widths, str):
         args.widths = tuple(int(w) for w in args.widths.split(","))
+    if isinstance(args.scaling_models, str):
+        args.scaling_models = tuple(m.strip() for m in args.scaling_models.split(",") if m.strip())
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in args.models if m not in MODELS]
+    bad = [m for m in list(args.models) + list(args.scaling_models) if m not in MODELS]
     if bad:
-        p.error(f"unknown --models {bad}; choose from {list(MODELS)}")
+        p.error(f"unknown --models / --scaling-models {bad}; choose from {list(MODELS)}")
+    args.models = ["all-conv"] + [m for m in args.models if m != "all-conv"]
+    args.scaling_models = tuple(m for m in args.scaling_models if m in args.models and m != "all-conv")
     if len(args.widths) != 3:
         p.error(f"--widths needs 3 comma-separated numbers (one per stage), got {args.widths}")
     if any(w % args.head_dim for w in args.widths):
@@ -110,6 +134,7 @@ def get_args(argv=None):
     if args.image_size % (4 * args.stem_stride):
         p.error(f"--image-size must be divisible by {4 * args.stem_stride} (stem stride {args.stem_stride}, then two "
                 f"2x downsamplings), got {args.image_size}")
+    args.axial_seeds = min(args.axial_seeds, args.seeds)
     return args
 
 
@@ -184,97 +209,224 @@ class MultiHeadSelfAttention2d(nn.Module):
         return (out, attn) if return_attn else out
 
 
+@functools.lru_cache(maxsize=64)
+def window_slots(H, W, window, device=None):
+    """For every pixel n of an H x W map and every slot l = (dy + p) * k + (dx + p) of its k x k window (p = k//2):
+    the key pixel index m = (y + dy) * W + (x + dx), clamped into the image, and whether that key lies inside the
+    image. Returns (key_index, inside), each (N, L). Cached: it only depends on the sizes."""
+    p = window // 2
+    y, x = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")        # (H, W)
+    dy, dx = torch.meshgrid(torch.arange(-p, p + 1, device=device), torch.arange(-p, p + 1, device=device), indexing="ij")
+    ky, kx = y.reshape(-1, 1) + dy.reshape(1, -1), x.reshape(-1, 1) + dx.reshape(1, -1)                        # (N, L)
+    inside = (ky >= 0) & (ky < H) & (kx >= 0) & (kx < W)
+    return ky.clamp(0, H - 1) * W + kx.clamp(0, W - 1), inside
+
+
+def local_attention_unfold(q, k, v, r, window):
+    """SASA by Tensor.unfold: the REFERENCE the fast versions are tested against (it is the obvious way to write it).
+    q (scaled by 1/sqrt d), k, v: (B, h, d, H, W); r: (h, L, d) relative embeddings per window slot.
+    Returns out (B, h, d, H, W) and attn (B, h, N, L). Every pixel's window of keys and values is COPIED (L copies of
+    the map), and each pixel does its own (1 x d) @ (d x L) matmul: thousands of tiny matmuls, hence slow."""
+    B, h, d, H, W = q.shape
+    K, p, L = window, window // 2, window * window
+    k = F.pad(k, (p, p, p, p)).unfold(3, K, 1).unfold(4, K, 1)                  # (B, h, d, H, W, K, K) strided view
+    v = F.pad(v, (p, p, p, p)).unfold(3, K, 1).unfold(4, K, 1)                  # slot (a, b) = padded pixel (y+a, x+b)
+    k = k.permute(0, 1, 3, 4, 2, 5, 6).reshape(B, h, H, W, d, L)                # copy: (B, h, H, W, d, L)
+    v = v.permute(0, 1, 3, 4, 5, 6, 2).reshape(B, h, H, W, L, d)                # copy: (B, h, H, W, L, d)
+    q = q.permute(0, 1, 3, 4, 2).unsqueeze(-2)                                  # (B, h, H, W, 1, d)
+    logits = (q @ k + q @ r.transpose(-1, -2)[:, None, None]).squeeze(-2)       # (B, h, H, W, L): q . (k + r)
+    _, inside = window_slots(H, W, window, q.device)                            # (N, L)
+    logits = logits.masked_fill(~inside.view(H, W, L), float("-inf"))           # slots outside the image: no key
+    attn = logits.softmax(-1)
+    out = (attn.unsqueeze(-2) @ v).squeeze(-2)                                  # (B, h, H, W, d)
+    return out.permute(0, 1, 4, 2, 3), attn.reshape(B, h, H * W, L)
+
+
+def local_attention_shifted(q, k, v, r, window):
+    """SASA by shifted slices: for each of the L = k*k window slots (dy, dx), the keys of every pixel at that offset
+    are ONE slice of the zero-padded key map, kp[..., p+dy : p+dy+H, p+dx : p+dx+W] -- a view, no copy. So the scores
+    are L elementwise products summed over d, and the output L multiply-adds of value slices: 2L large vectorised
+    ops instead of N tiny matmuls, and O(N d) memory instead of O(N L d). Same inputs/outputs as the reference,
+    except attn comes back as (B, h, L, H, W)."""
+    B, h, d, H, W = q.shape
+    K, p, L = window, window // 2, window * window
+    kp, vp = F.pad(k, (p, p, p, p)), F.pad(v, (p, p, p, p))                     # (B, h, d, H+2p, W+2p)
+    slots = [(a, b) for a in range(K) for b in range(K)]                        # slot l = a*K + b: (dy, dx) = (a-p, b-p)
+    content = torch.stack([(q * kp[..., a:a + H, b:b + W]).sum(2) for a, b in slots], 2)  # (B, h, L, H, W): q . k
+    logits = content + torch.einsum("bhdyx,hld->bhlyx", q, r)                   # + q . r_delta
+    _, inside = window_slots(H, W, window, q.device)                            # (N, L)
+    attn = logits.masked_fill(~inside.T.reshape(L, H, W), float("-inf")).softmax(2)
+    out = sum(attn[:, :, l, None] * vp[..., a:a + H, b:b + W] for l, (a, b) in enumerate(slots))  # (B, h, d, H, W)
+    return out, attn
+
+
+@functools.lru_cache(maxsize=64)
+def window_pairs(H, W, window, device=None):
+    """For every (query, key) pixel pair of an H x W map: whether the key lies in the query's k x k window, and its
+    window slot l = (dy + p) * k + (dx + p) (clamped to a valid slot outside the window). Each (N, N); cached."""
+    p = window // 2
+    dy, dx = MultiHeadSelfAttention2d.relative_offsets(H, W, 0, device)         # (N, N): key - query
+    return (dy.abs() <= p) & (dx.abs() <= p), ((dy + p) * window + dx + p).clamp(0, window * window - 1)
+
+
+def local_attention_dense(q, k, v, r, window):
+    """SASA as masked global attention: all N x N scores by one matmul, pairs outside the k x k window set to -inf.
+    N^2 d work instead of N L d, but in a few large matmuls: on a CPU this beats 2L small ops while N <= ~4L (an 8x8
+    map for k = 5). Returns out (B, h, d, H, W) and the dense attention (B, h, N, N)."""
+    B, h, d, H, W = q.shape
+    N = H * W
+    q, k, v = q.flatten(3), k.flatten(3), v.flatten(3)                          # (B, h, d, N)
+    in_window, slot = window_pairs(H, W, window, q.device)                      # (N, N) each
+    qr = torch.einsum("bhdn,hld->bhnl", q, r)                                   # (B, h, N, L): q . r for every slot
+    logits = q.transpose(-1, -2) @ k + qr.gather(-1, slot.expand(B, h, N, N))   # (B, h, N, N): q . (k + r)
+    attn = logits.masked_fill(~in_window, float("-inf")).softmax(-1)
+    out = (attn @ v.transpose(-1, -2)).transpose(-1, -2)                        # (B, h, d, N)
+    return out.reshape(B, h, d, H, W), attn
+
+
 class LocalSelfAttention2d(nn.Module):
-    """Stand-alone self-attention (SASA, Ramachandran et al. 2019, eq. 2-3): each pixel attends to the k x k
-    window around it, score q . (k_key + r_delta) / sqrt(d) with r_delta = [r_row[dy]; r_col[dx]] (eq. 3: the
-    embedding is split in half, one half per axis). Cost O(N L d) instead of O(N^2 d).
+    """Stand-alone self-attention, SASA (Ramachandran et al. 2019, sec. 3, eq. 2-3). Pixel (i, j) attends to the
+    k x k window N_k(i, j) around it:
 
-    Borders: F.unfold zero-pads, which would add keys that do not exist (k = 0, v = 0) and whose score
-    q . r_delta still takes softmax mass, so border pixels would attend to "nothing". We mask those slots out
-    (score -inf): every pixel's attention is a distribution over real pixels, and a window covering the whole
-    image gives exactly global attention (tested)."""
+        y_ij = sum_{(a,b) in N_k(i,j)} softmax_ab( q_ij . (k_ab + r_{a-i, b-j}) / sqrt(d) ) v_ab
 
-    def __init__(self, dim, *, num_heads, window=7, head_dim=None, out_dim=None, qkv_bias=True):
+    q = W_Q x, k = W_K x, v = W_V x (one 1x1 conv), per head h of d channels; r_{dy,dx} = [r_row[dy]; r_col[dx]]:
+    half of the head's d channels encode the row offset, half the column offset (eq. 3). Heads are concatenated;
+    there is no output projection (the paper has none; the next layer mixes the heads). Window slots outside the
+    image are not keys (score -inf), so attention is a distribution over real pixels and a window covering the
+    whole image is exactly global attention (tested).
+
+    Deviations from the paper, each for a reason:
+      - W_Q, W_K, W_V are dense C -> C maps shared by all heads; the paper splits the input channels into groups,
+        one per head (block-diagonal maps, C^2/h weights each). Dense maps let heads read every channel, as in
+        MHSA and in the other scripts; the parameter-matched comparison widens attention stages either way.
+      - scores are scaled by 1/sqrt(d) (Vaswani et al.), which eq. 2 does not have: it keeps the initial scores'
+        spread independent of d and makes a full window equal MultiHeadSelfAttention2d (tested).
+      - one r_row / r_col table per head (the paper's single d_out-wide embedding, split into heads, leaves some heads
+        with only row and others with only column offsets).
+
+    `impl` chooses how the same function is computed (all three tested equal): "unfold" (the reference, slow),
+    "shifted" (shifted slices, for large maps), "dense" (masked N x N matmul, for small maps); "auto" picks dense when
+    N <= 4 L. `--bench` times them side by side."""
+
+    def __init__(self, dim, *, num_heads, window=7, head_dim=None, qkv_bias=True):
         super().__init__()
         assert window % 2 == 1, f"window must be odd so it is centred on its pixel, got {window}"
         assert head_dim is not None or dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}; pass head_dim"
         self.num_heads, self.head_dim, self.window = num_heads, head_dim or dim // num_heads, window
-        assert self.head_dim % 2 == 0, f"relative embeddings split d into rows/cols: head_dim {self.head_dim} must be even"
-        inner = self.num_heads * self.head_dim
-        self.qkv = nn.Conv2d(dim, 3 * inner, 1, bias=qkv_bias)   # 1x1 convs = per-pixel linear maps
-        self.rel_row = nn.Parameter(torch.randn(window, self.head_dim // 2) * self.head_dim ** -0.5)  # dy = -k//2 .. k//2
-        self.rel_col = nn.Parameter(torch.randn(window, self.head_dim // 2) * self.head_dim ** -0.5)
-        self.proj = nn.Conv2d(inner, out_dim or dim, 1)
+        h, d = self.num_heads, self.head_dim
+        assert d % 2 == 0, f"relative embeddings split d into rows/cols: head_dim {d} must be even"
+        self.qkv = nn.Conv2d(dim, 3 * h * d, 1, bias=qkv_bias)                  # W_Q, W_K, W_V: 1x1 convs
+        self.rel_row = nn.Parameter(torch.randn(h, window, d // 2) * d ** -0.5)  # r_row[head, dy + k//2]
+        self.rel_col = nn.Parameter(torch.randn(h, window, d // 2) * d ** -0.5)  # r_col[head, dx + k//2]
 
-    def forward(self, x, return_attn=False):
+    def relative_embeddings(self):
+        """(h, L, d): r_delta = [r_row[dy]; r_col[dx]] for window slot l = (dy + k//2) * k + (dx + k//2)."""
+        h, K, d2 = self.rel_row.shape
+        return torch.cat([self.rel_row[:, :, None].expand(h, K, K, d2),
+                          self.rel_col[:, None].expand(h, K, K, d2)], -1).reshape(h, K * K, 2 * d2)
+
+    def forward(self, x, return_attn=False, impl="auto"):
         B, C, H, W = x.shape
-        h, d, k, p = self.num_heads, self.head_dim, self.window, self.window // 2
-        L = k * k
-        q, key, v = self.qkv(x).view(B, 3, h, d, H, W).unbind(1)                  # (B, h, d, H, W) each
-        # Tensor.unfold gives every pixel's k x k window of the zero-padded map as a strided view: window slot
-        # (a, b) of pixel (y, x) is padded pixel (y + a, x + b), i.e. offset dy = a - p, dx = b - p.
-        key = F.pad(key, (p, p, p, p)).unfold(3, k, 1).unfold(4, k, 1)            # (B, h, d, H, W, k, k)
-        v = F.pad(v, (p, p, p, p)).unfold(3, k, 1).unfold(4, k, 1)                # (B, h, d, H, W, k, k)
-        key = key.permute(0, 1, 3, 4, 2, 5, 6).reshape(B, h, H, W, d, L)          # (B, h, H, W, d, L)
-        v = v.permute(0, 1, 3, 4, 5, 6, 2).reshape(B, h, H, W, L, d)              # (B, h, H, W, L, d)
-        q = q.permute(0, 1, 3, 4, 2).unsqueeze(-2)                                # (B, h, H, W, 1, d)
-        r = torch.cat([self.rel_row[:, None].expand(k, k, d // 2),                # r_delta = [r_row[dy]; r_col[dx]]
-                       self.rel_col[None].expand(k, k, d // 2)], -1).reshape(L, d)  # (L, d), slot order a*k + b
-        logits = ((q @ key) + (q @ r.T)).squeeze(-2) / math.sqrt(d)               # (B, h, H, W, L): q . (k + r)
-        inside = F.pad(torch.ones(H, W, device=x.device), (p, p, p, p)).unfold(0, k, 1).unfold(1, k, 1)  # (H, W, k, k)
-        logits = logits.masked_fill(inside.reshape(H, W, L) == 0, float("-inf"))  # slots outside the image: no key
-        attn = logits.softmax(-1)                                                 # over the L window slots
-        out = (attn.unsqueeze(-2) @ v).squeeze(-2)                                # (B, h, H, W, d)
-        out = self.proj(out.permute(0, 1, 4, 2, 3).reshape(B, h * d, H, W))       # (B, C_out, H, W)
-        return (out, attn.reshape(B, h, H * W, L)) if return_attn else out       # attn: (B, h, N, L)
+        h, d, K = self.num_heads, self.head_dim, self.window
+        q, k, v = self.qkv(x).view(B, 3, h, d, H, W).unbind(1)                  # (B, h, d, H, W) each
+        q, r = q / math.sqrt(d), self.relative_embeddings()                     # r: (h, L, d)
+        if impl == "auto":
+            impl = "dense" if H * W <= 4 * K * K else "shifted"
+        if impl == "unfold":
+            out, attn = local_attention_unfold(q, k, v, r, K)                   # attn (B, h, N, L)
+        elif impl == "shifted":
+            out, attn = local_attention_shifted(q, k, v, r, K)                  # attn (B, h, L, H, W)
+            attn = attn.flatten(3).transpose(2, 3)                              # (B, h, N, L)
+        elif impl == "dense":
+            out, attn = local_attention_dense(q, k, v, r, K)                    # attn (B, h, N, N)
+            if return_attn:
+                key, inside = window_slots(H, W, K, x.device)                   # (N, L): the window's keys
+                attn = attn.gather(-1, key.expand(B, h, -1, -1)).masked_fill(~inside, 0.0)  # (B, h, N, L)
+        else:
+            raise ValueError(f"impl must be auto, unfold, shifted or dense, got {impl!r}")
+        out = out.reshape(B, h * d, H, W)                                       # heads concatenated
+        return (out, attn) if return_attn else out
 
 
 class AxialAttention1d(nn.Module):
-    """Multi-head attention along one axis of a (B, C, H, W) map: axis="width" lets every pixel attend to its whole
-    row, axis="height" to its whole column (Ho et al. 2019). Score q . (k + r_delta) / sqrt(d) with a learned 1-D
-    relative embedding r_delta (the query-side term of Axial-DeepLab's position-sensitive attention). Cost O(N T d)
-    with T = W or H."""
+    """Position-sensitive axial attention (Axial-DeepLab, Wang et al. 2020, sec. 3.1 eq. 4 and Fig. 2) along one axis
+    of a (B, C, H, W) map: axis="height" lets every pixel attend to its whole column, axis="width" to its whole row.
+    For query o and key p on that line, delta = p - o:
 
-    def __init__(self, dim, *, num_heads, max_len, axis, head_dim=None, out_dim=None, qkv_bias=True):
+        a_op = softmax_p( BN(q_o . k_p) + BN(q_o . r^q_delta) + BN(k_p . r^k_delta) )
+        y_o  = BN( sum_p a_op v_p ) + BN( sum_p a_op r^v_delta )
+
+    r^q, r^k, r^v are learned relative embeddings per head. The batch norms (one per term and head on the scores,
+    one per term and channel on the outputs) are those of the official implementations: they give each score term
+    unit spread, so the positional terms q.r^q and k.r^k count as much as the content term from the first step.
+    Without them (this file before the fix: only q.r, scaled by 1/sqrt(d) with a small table), q.r started ~5x
+    weaker than needed, attention stayed near uniform along each axis (an average over the row, then the column:
+    a global average pool) and the network learned little spatial structure (see the docstring at the top).
+
+    Deviations from Axial-DeepLab, with reasons: q, k, v all have d channels per head (deeplab2 uses value depth
+    2 C inside its bottleneck block; our basic block keeps C in = C out); PyTorch's default init for the 1x1 conv
+    (a batch norm follows it, so its scale does not matter)."""
+
+    def __init__(self, dim, *, num_heads, max_len, axis, head_dim=None):
         super().__init__()
         assert axis in ("height", "width"), f"axis must be 'height' or 'width', got {axis!r}"
         assert head_dim is not None or dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}; pass head_dim"
         self.num_heads, self.head_dim, self.max_len, self.axis = num_heads, head_dim or dim // num_heads, max_len, axis
-        inner = self.num_heads * self.head_dim
-        self.qkv = nn.Conv2d(dim, 3 * inner, 1, bias=qkv_bias)
-        self.rel = nn.Parameter(torch.randn(2 * max_len - 1, self.head_dim) * self.head_dim ** -0.5)  # r_delta, |delta| < max_len
-        self.proj = nn.Conv2d(inner, out_dim or dim, 1)
+        h, d = self.num_heads, self.head_dim
+        self.qkv = nn.Conv2d(dim, 3 * h * d, 1, bias=False)                     # W_Q, W_K, W_V
+        self.bn_qkv = nn.BatchNorm2d(3 * h * d)
+        # r[head, delta + max_len - 1] for |delta| < max_len; std 1 as deeplab2's initialization_std
+        self.rel_q, self.rel_k, self.rel_v = (nn.Parameter(torch.randn(h, 2 * max_len - 1, d)) for _ in range(3))
+        # one batch norm per score term (a channel per head) and per output term (a channel per head and d)
+        self.bn_qk, self.bn_qr, self.bn_kr = nn.BatchNorm1d(h), nn.BatchNorm1d(h), nn.BatchNorm1d(h)
+        self.bn_sv, self.bn_sve = nn.BatchNorm1d(h * d), nn.BatchNorm1d(h * d)
 
-    def forward(self, x):
+    def terms(self, x):
+        """The parts of eq. 4 before their batch norms. Sequences are the columns (axis="height": S = W sequences of
+        T = H pixels) or the rows (axis="width": S = H, T = W). Returns q, k, v (B, h, S, T, d), the score terms
+        qk, qr, kr (B, h, S, T_query, T_key) and the value embeddings r^v (h, T_query, T_key, d)."""
         B, C, H, W = x.shape
         h, d = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).view(B, 3, h, d, H, W).unbind(1)                     # (B, h, d, H, W) each
-        # put the attended axis last: rows -> (B, h, S=H, T=W, d), columns -> (B, h, S=W, T=H, d)
-        order = (0, 1, 3, 4, 2) if self.axis == "width" else (0, 1, 4, 3, 2)
+        q, k, v = self.bn_qkv(self.qkv(x)).view(B, 3, h, d, H, W).unbind(1)    # (B, h, d, H, W)
+        order = (0, 1, 4, 3, 2) if self.axis == "height" else (0, 1, 3, 4, 2)   # -> (B, h, S, T, d)
         q, k, v = (t.permute(order) for t in (q, k, v))
         T = q.shape[3]
         assert T <= self.max_len, f"axis length {T} exceeds max_len {self.max_len}: build with a larger max_len"
         pos = torch.arange(T, device=x.device)
-        r = self.rel[pos[None, :] - pos[:, None] + self.max_len - 1]               # (T, T, d): r of key - query
-        logits = (q @ k.transpose(-1, -2) + torch.einsum("bhstd,tud->bhstu", q, r)) / math.sqrt(d)  # (B, h, S, T, T)
-        out = logits.softmax(-1) @ v                                               # (B, h, S, T, d)
-        back = (0, 1, 4, 2, 3) if self.axis == "width" else (0, 1, 4, 3, 2)         # inverse permutation of `order`
-        out = out.permute(back).reshape(B, h * d, H, W)                            # (B, h*d, H, W)
-        return self.proj(out)
+        delta = pos[None, :] - pos[:, None] + self.max_len - 1                  # (T, T): [o, p] -> index of p - o
+        rq, rk, rv = self.rel_q[:, delta], self.rel_k[:, delta], self.rel_v[:, delta]  # (h, T, T, d) each
+        qk = q @ k.transpose(-1, -2)                                            # (B, h, S, T, T): q_o . k_p
+        qr = torch.einsum("bhsod,hopd->bhsop", q, rq)                           # q_o . r^q_{p-o}
+        kr = torch.einsum("bhspd,hopd->bhsop", k, rk)                           # k_p . r^k_{p-o}
+        return q, k, v, qk, qr, kr, rv
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v, qk, qr, kr, rv = self.terms(x)
+        S, T = q.shape[2], q.shape[3]
+        norm = lambda bn, t: bn(t.reshape(B, h, -1)).view(t.shape)              # batch norm, one channel per head
+        attn = (norm(self.bn_qk, qk) + norm(self.bn_qr, qr) + norm(self.bn_kr, kr)).softmax(-1)  # (B, h, S, T, T)
+        sv = attn @ v                                                           # (B, h, S, T, d): sum_p a v_p
+        sve = torch.einsum("bhsop,hopd->bhsod", attn, rv)                       # sum_p a r^v_{p-o}
+        channels = lambda t: t.permute(0, 1, 4, 2, 3).reshape(B, h * d, S * T)  # (B, C, S*T), channel = (head, d)
+        out = (self.bn_sv(channels(sv)) + self.bn_sve(channels(sve))).view(B, h * d, S, T)
+        return out.transpose(2, 3) if self.axis == "height" else out            # (B, C, H, W)
 
 
 class AxialAttention2d(nn.Module):
-    """Row attention then column attention: after the two passes every output pixel depends on every input pixel
-    (through the row of the key's column), a global receptive field at O(N (H + W) d) instead of O(N^2 d)."""
+    """Height-axis then width-axis attention (Axial-DeepLab's order): after the two passes every output pixel depends
+    on every input pixel (through the column of the key's row), a global receptive field at O(N (H + W) d) instead
+    of O(N^2 d). There is no output projection (as in Axial-DeepLab)."""
 
-    def __init__(self, dim, *, num_heads, max_size, head_dim=None, out_dim=None):
+    def __init__(self, dim, *, num_heads, max_size, head_dim=None):
         super().__init__()
-        self.rows = AxialAttention1d(dim, num_heads=num_heads, max_len=max_size, axis="width", head_dim=head_dim)
-        self.cols = AxialAttention1d(dim, num_heads=num_heads, max_len=max_size, axis="height", head_dim=head_dim,
-                                     out_dim=out_dim)
+        self.height = AxialAttention1d(dim, num_heads=num_heads, max_len=max_size, axis="height", head_dim=head_dim)
+        self.width = AxialAttention1d(dim, num_heads=num_heads, max_len=max_size, axis="width", head_dim=head_dim)
 
     def forward(self, x):
-        return self.cols(self.rows(x))
+        return self.width(self.height(x))
 
 
 def attention_from_conv(conv, alpha=20.0):
@@ -376,8 +528,9 @@ class Net(nn.Module):
         assert len(ops) == len(widths) == 3, f"need 3 stage operators and 3 widths, got {ops} and {widths}"
         assert image_size % (4 * stem_stride) == 0, \
             f"image_size {image_size} must be divisible by 4 * stem_stride = {4 * stem_stride} (stem + two downsamplings)"
-        self.ops = tuple(ops)
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=stem_stride, padding=1, bias=False),
+        self.ops, self.widths = tuple(ops), tuple(widths)
+        kernel, pad = (3, 1) if stem_stride <= 2 else (stem_stride, 0)   # stride 4: non-overlapping 4x4 patches
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], kernel, stride=stem_stride, padding=pad, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
         stages, prev, size = [], widths[0], image_size // stem_stride
         for i, (op, w) in enumerate(zip(ops, widths)):
@@ -391,36 +544,181 @@ class Net(nn.Module):
         self.head = nn.Linear(prev, num_classes)
 
     def forward(self, x):
-        x = self.stages(self.stem(x))         # (B, C, S/4, S/4)
+        x = self.stages(self.stem(x))         # (B, C, S/4s, S/4s)
         return self.head(x.mean((2, 3)))      # (B, classes)
+
+
+@functools.lru_cache(maxsize=None)
+def matched_widths(ops, *, widths, head_dim, window, image_size, stem_stride, num_classes):
+    """Parameter matching: the widths for `ops` whose parameter count is closest to the all-conv net's at `widths`.
+    A 3x3 conv has 9 C^2 weights, SASA 3 C^2 and axial attention 6 C^2, so a model with attention needs more
+    channels somewhere. Only stage 3 (which holds most of the weights) gets them, in multiples of head_dim: stages
+    1-2 keep their widths in every model, so the stem and the stage-1/2 layers that two models share are the same
+    layers (and start from the same weights), and the costly high-resolution attention stays narrow. Decided from
+    parameter counts alone, before any training. Returns (widths, params, target params)."""
+    def count(w):
+        with torch.device("meta"):                                         # shapes only: no memory, no init cost
+            return utils.count_params(Net(ops=ops, widths=w, head_dim=head_dim, window=window, image_size=image_size,
+                                          stem_stride=stem_stride, num_classes=num_classes))
+    with torch.device("meta"):
+        target = utils.count_params(Net(ops=("conv",) * 3, widths=widths, head_dim=head_dim, window=window,
+                                        image_size=image_size, stem_stride=stem_stride, num_classes=num_classes))
+    candidates = [(widths[0], widths[1], head_dim * j) for j in range(1, 4 * widths[2] // head_dim + 1)]
+    best = min(candidates, key=lambda w: abs(count(w) - target))
+    return best, count(best), target
+
+
+def init_model(cfg, arm, num_classes, seed):
+    """`arm`'s network with seed-`seed` initial weights, where every weight it shares with all-conv (same name and
+    shape: the stem, conv stages, downsampling, norms of equal width) starts equal to all-conv's: paired arms."""
+    utils.set_seed(seed)
+    model = build_model(cfg, arm, num_classes)
+    utils.set_seed(seed)
+    utils.copy_shared_init(build_model(cfg, "all-conv", num_classes), model)
+    return model
+
+
+def build_model(cfg, arm, num_classes):
+    """The network of one arm (a key of MODELS) with its parameter-matched widths."""
+    widths = matched_widths(MODELS[arm], widths=tuple(cfg.widths), head_dim=cfg.head_dim, window=cfg.window,
+                            image_size=cfg.image_size, stem_stride=cfg.stem_stride, num_classes=num_classes)[0]
+    return Net(ops=MODELS[arm], widths=widths, head_dim=cfg.head_dim, window=cfg.window, image_size=cfg.image_size,
+               stem_stride=cfg.stem_stride, num_classes=num_classes)
 
 
 def full_preset_models(num_classes=10):
     """Every model the full preset trains, at its real size: name -> (model, step_fn or None, image_size).
     tests/test_utils.py runs one bf16-autocast training step of each on a CPU, so a full GPU run is known to start."""
     a = get_args([])
-    return {name: (Net(ops=ops, widths=a.widths, head_dim=a.head_dim, window=a.window, image_size=a.image_size,
-                       stem_stride=a.stem_stride, num_classes=num_classes), None, a.image_size)
-            for name, ops in MODELS.items()}
+    return {name: (build_model(a, name, num_classes), None, a.image_size) for name in MODELS}
 
 
-# ------------------------------------------------------------------------------------------------ experiment
+# ------------------------------------------------------------------------------------------------ train
 
-def run_model(name, args, data, device, seed):
-    """Train one model from scratch on the training subset; returns (model, test accuracy %, history)."""
-    utils.set_seed(seed)
-    model = Net(ops=MODELS[name], widths=args.widths, head_dim=args.head_dim, window=args.window,
-                image_size=args.image_size, stem_stride=args.stem_stride, num_classes=data.num_classes).to(device)
-    train_loader = utils.DeviceLoader(data.x_train, data.y_train, batch_size=min(args.batch_size, len(data.x_train)),
-                                      device=device, train=True, mean=data.mean, std=data.std, seed=seed)
-    test_loader = utils.DeviceLoader(data.x_test, data.y_test, batch_size=256, device=device, train=False,
-                                     mean=data.mean, std=data.std)
-    # no per-epoch test evaluation (it would cost as much as training on CPU): the test set is scored once, at the end
-    hist = utils.train(model, train_loader, epochs=args.epochs, lr=args.lr, weight_decay=0.05, warmup_epochs=1,
-                       label_smoothing=0.1, grad_clip=1.0, name=f"{name} seed {seed} ")
-    acc = utils.evaluate(model, test_loader).acc
-    print(f"{name} seed {seed}: test accuracy {acc:.1f}%", flush=True)
-    return model, acc, hist
+def train_job(cfg, arm, per_class, seed, keep_state=False):
+    """One training run, self-contained so that utils.run_jobs can run it in another process: model `arm` trained
+    from `seed` on `per_class` images per class, for cfg["steps"] optimizer steps whatever the training-set size,
+    then scored on the test set. Paired by seed: the same seed gives every arm the same images (the small subset is
+    part of the large one: same seeded permutation), the same batches and augmentation (a fresh loader seeded with
+    `seed`) and the same initial value of every weight it shares with all-conv (copy_shared_init)."""
+    a = argparse.Namespace(**cfg)
+    device = torch.device(a.device)
+    data = utils.load_data(a.data, image_size=a.image_size, train_per_class=per_class, test_per_class=a.test_per_class,
+                           seed=seed)
+    model = init_model(a, arm, data.num_classes, seed)
+    train, _, test = utils.make_loaders(data, batch_size=a.batch_size, device=device, seed=seed)
+    epochs = max(1, round(a.steps / len(train)))                      # same number of steps at every training size
+    t0 = time.time()
+    hist = utils.train(model.to(device), train, epochs=epochs, lr=a.lr, weight_decay=0.05, warmup_epochs=epochs / 8,
+                       label_smoothing=0.1, grad_clip=1.0, log=lambda line: None)
+    score = utils.evaluate(model, test)
+    seconds = time.time() - t0
+    print(f"  {arm:<9} {len(data.y_train):>6,d} train images  seed {seed}: {epochs:3d} epochs x {len(train)} steps, "
+          f"test {score.acc:5.2f}%  NLL {score.nll:.3f}  ({seconds:.0f} s)", flush=True)
+    return dict(arm=arm, per_class=per_class, seed=seed, acc=score.acc, nll=score.nll, train_acc=hist[-1]["train_acc"],
+                epochs=epochs, steps=epochs * len(train), img_per_s=sum(h["img_per_s"] for h in hist) / len(hist),
+                seconds=seconds, params=utils.count_params(model), widths=list(model.widths),
+                state={k: v.cpu() for k, v in model.state_dict().items()} if keep_state else None)
+
+
+def plan_runs(args, per_class, todo):
+    """Every (arm, images per class, seed, keep_state) run the chosen experiments need, most expensive first so that
+    parallel workers finish together. Every model gets --seeds seeds, all-axial the first --axial-seeds of them; the
+    small training size only the models in --scaling-models, plus all-conv."""
+    small = max(1, per_class // args.scaling_factor)
+    seeds = lambda arm: range(args.seed, args.seed + (args.axial_seeds if arm == "all-axial" else args.seeds))
+    runs = set()
+    if {"compare", "scaling", "swap"} & set(todo):
+        runs |= {(arm, per_class, s) for arm in args.models for s in seeds(arm)}
+    if "scaling" in todo:
+        runs |= {(arm, small, s) for arm in ("all-conv",) + tuple(args.scaling_models) for s in seeds(arm)}
+    cost = {"all-conv": 1, "hybrid": 1.5, "all-local": 3, "all-axial": 6}           # relative time per step (measured)
+    keep = lambda arm, n, s: "swap" in todo and s == args.seed and n == per_class and arm in ("all-conv", "all-local", "hybrid")
+    return [(arm, n, s, keep(arm, n, s)) for arm, n, s in sorted(runs, key=lambda r: (-cost[r[0]], r[0], -r[1], r[2]))]
+
+
+def train_all(args, data, todo, device):
+    """Run plan_runs' jobs (in parallel with --workers) and index the results by (arm, images per class, seed)."""
+    per_class = int(torch.bincount(data.y_train).min())               # what the preset's count fitted to
+    small = max(1, per_class // args.scaling_factor)
+    steps = args.epochs * (len(data.y_train) // min(args.batch_size, len(data.y_train)))
+    cfg = dict(data=args.data, image_size=args.image_size, test_per_class=args.test_per_class, widths=args.widths,
+               head_dim=args.head_dim, window=args.window, stem_stride=args.stem_stride, batch_size=args.batch_size,
+               lr=args.lr, steps=steps, device=str(device))
+    jobs = plan_runs(args, per_class, todo)
+    print(f"training {len(jobs)} runs ({steps} steps each; {per_class} and {small} images per class; "
+          f"{args.workers} at a time, 1 thread each)", flush=True)
+    t0 = time.time()
+    results = utils.run_jobs(train_job, [(cfg, *job) for job in jobs], workers=args.workers)
+    print(f"all runs done in {time.time() - t0:.0f} s", flush=True)
+    return {"per_class": per_class, "small": small, "steps": steps,
+            "runs": {(r["arm"], r["per_class"], r["seed"]): r for r in results}}
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+
+def paired(runs, arm_a, arm_b, per_class, key):
+    """Per-seed values of metric `key` for two arms, over the seeds both have at this training size."""
+    seeds = sorted(s for (a, n, s) in runs if a == arm_a and n == per_class and (arm_b, n, s) in runs)
+    return [runs[(arm_a, per_class, s)][key] for s in seeds], [runs[(arm_b, per_class, s)][key] for s in seeds]
+
+
+def compare_arms(runs, arm, ref, per_class, log=print):
+    """Accuracy and NLL of `arm` against `ref` at one training size, in the one verdict wording of utils."""
+    a, b = paired(runs, arm, ref, per_class, "acc")
+    acc = utils.compare_paired(a, b, name_a=arm, name_b=ref, unit="points", digits=1, bound=1.0, log=log)
+    a, b = paired(runs, arm, ref, per_class, "nll")
+    nll = utils.compare_paired(a, b, name_a=arm, name_b=ref, unit="nats", digits=3, higher_is_better=False,
+                               bound=0.02, log=log)
+    return {"acc": acc, "nll": nll}
+
+
+def exp_compare(args, out, trained):
+    """Conv vs local vs axial vs hybrid on one backbone, parameter-matched, at the large training size: one table
+    (mean and 95% CI over paired seeds, full test set) and every attention model against all-conv."""
+    runs, n = trained["runs"], trained["per_class"]
+    header = f"{'model':<10} {'ops (stage 1,2,3)':<18} {'widths':<13} {'params':>8} {'img/s':>6} {'n':>2}  " \
+             f"{'test acc % [95% CI]':<22} {'test NLL [95% CI]':<24}"
+    lines, rows = [header, "-" * len(header)], {}
+    for arm in args.models:
+        rs = [r for (a, m, s), r in sorted(runs.items()) if a == arm and m == n]
+        acc, nll = utils.mean_ci([r["acc"] for r in rs]), utils.mean_ci([r["nll"] for r in rs])
+        rows[arm] = dict(ops=list(MODELS[arm]), widths=rs[0]["widths"], params=rs[0]["params"], n=len(rs), acc=acc,
+                         nll=nll, img_per_s=sum(r["img_per_s"] for r in rs) / len(rs), accs=[r["acc"] for r in rs])
+        lines.append(f"{arm:<10} {','.join(MODELS[arm]):<18} {','.join(map(str, rs[0]['widths'])):<13} "
+                     f"{rs[0]['params']:>8,d} {rows[arm]['img_per_s']:>6.0f} {len(rs):>2}  "
+                     f"{acc[0]:5.2f} [{acc[1]:5.2f}, {acc[2]:5.2f}]   {nll[0]:.3f} [{nll[1]:.3f}, {nll[2]:.3f}]")
+    r0 = next(iter(runs.values()))
+    lines.append(f"{n} training images per class, {r0['steps']} steps of batch {args.batch_size}; test: all "
+                 f"{args.test_per_class or 'the'} test images; img/s = training throughput of one process, 1 thread")
+    print("\n".join(lines), flush=True)
+    verdicts = {arm: compare_arms(runs, arm, "all-conv", n) for arm in args.models if arm != "all-conv"}
+    if {"hybrid", "all-local"} <= set(args.models):          # Ramachandran et al.: conv stem/early stages help attention
+        verdicts["hybrid vs all-local"] = compare_arms(runs, "hybrid", "all-local", n)
+    return {"table": lines, "models": rows, "verdicts": verdicts}
+
+
+def exp_scaling(args, out, trained):
+    """Data scaling: attention's gap to all-conv at two training-set sizes (scaling_factor apart, same number of
+    optimizer steps), and whether it changes between them: per seed, (arm - conv) at the large size minus
+    (arm - conv) at the small size, with its 95% CI."""
+    runs, big, small = trained["runs"], trained["per_class"], trained["small"]
+    result = {}
+    for arm in args.scaling_models:
+        print(f"-- {arm} vs all-conv: {small} -> {big} images per class", flush=True)
+        at = {n: compare_arms(runs, arm, "all-conv", n) for n in (small, big)}
+        change = {}
+        for key, unit, digits, hib, bound in (("acc", "points", 1, True, 1.0), ("nll", "nats", 3, False, 0.02)):
+            gaps = {}
+            for n in (small, big):
+                a, b = paired(runs, arm, "all-conv", n, key)
+                gaps[n] = [x - y for x, y in zip(a, b)]                   # arm - conv, per seed
+            k = min(len(gaps[small]), len(gaps[big]))
+            change[key] = utils.compare_paired(
+                gaps[big][:k], gaps[small][:k], name_a=f"({arm} - conv) at {big}/class", name_b=f"at {small}/class",
+                unit=unit, digits=digits, higher_is_better=hib, bound=bound, pairs="paired seeds (difference of gaps)")
+        result[arm] = {"small": at[small], "large": at[big], "change_of_gap": change}
+    return {"per_class": [small, big], "models": result}
 
 
 @torch.no_grad()
@@ -431,6 +729,54 @@ def conv_equivalence_check(model, x, alpha):
     feats = model.stem(x)                                                      # (B, C, H, W) what op1 sees
     out, probs = attention_from_conv(conv, alpha)(feats, return_attn=True)    # probs (B, K^2, N, M)
     return (out - conv(feats)).abs().max().item(), probs, tuple(feats.shape[2:])
+
+
+def trained_model(args, trained, arm, data, device):
+    """The seed-`args.seed` model of `arm` at the large size, rebuilt from its state_dict."""
+    model = build_model(args, arm, data.num_classes).to(device)
+    model.load_state_dict(trained["runs"][(arm, trained["per_class"], args.seed)]["state"])
+    return model.eval()
+
+
+def exp_swap(args, out, trained, data, device):
+    """Theorem 1 on a trained network: the seed-0 all-conv's first 3x3 conv is replaced by its 9-head attention twin
+    (attention_from_conv); the twin's max error on real features, and the whole network's test accuracy and
+    predictions with the twin swapped in. Plus the attention maps of a trained SASA layer next to the twin's."""
+    conv_net = trained_model(args, trained, "all-conv", data, device)
+    every = max(1, math.ceil(len(data.y_test) / args.swap_images))          # every n-th image: all classes alike
+    test = utils.DeviceLoader(data.x_test[::every], data.y_test[::every], batch_size=50,
+                              device=device, train=False, mean=data.mean, std=data.std)
+    x, _ = next(iter(test))                                                    # (50, 3, S, S) normalised test images
+    err, probs, (Hc, Wc) = conv_equivalence_check(conv_net, x[:16], args.alpha)
+    swapped = copy.deepcopy(conv_net)
+    swapped.stages[0][1].op1 = attention_from_conv(swapped.stages[0][1].op1, args.alpha)
+    with torch.no_grad():                                                     # one pass: both networks, every batch
+        logits = [(conv_net(xb), swapped(xb), yb) for xb, yb in test]
+    lc, ls, y = (torch.cat(t) for t in zip(*logits))
+    s_conv, s_swap = (utils.Score(100.0 * (l.argmax(-1) == y).float().mean().item(), F.cross_entropy(l, y).item())
+                      for l in (lc, ls))
+    same = 100.0 * (lc.argmax(-1) == ls.argmax(-1)).float().mean().item()
+    res = {"max_abs_err": err, "alpha": args.alpha, "images": len(test.y), "test_acc_conv": s_conv.acc,
+           "test_acc_attention": s_swap.acc, "nll_conv": s_conv.nll, "nll_attention": s_swap.nll, "same_predictions_pct": same,
+           "head_nonlocality": nonlocality(probs[0], Hc, Wc, key_padding=1).tolist()}
+    print(f"Theorem 1 on a trained network: all-conv's stage-1 3x3 conv rebuilt by attention_from_conv (9 heads, alpha "
+          f"{args.alpha:g}): max |attention - conv| = {err:.1e} on real features; on {len(test.y):,d} test images the "
+          f"network scores {s_swap.acc:.2f}% with the attention twin and {s_conv.acc:.2f}% with the conv "
+          f"(NLL {s_swap.nll:.4f} vs {s_conv.nll:.4f}), {same:.2f}% identical predictions", flush=True)
+    local_arm = next((a for a in ("all-local", "hybrid") if (a, trained["per_class"], args.seed) in trained["runs"]), None)
+    if local_arm is not None:
+        local_attn, (Hs, Ws), stage = local_attention_maps(trained_model(args, trained, local_arm, data, device), x[:16],
+                                                           MODELS[local_arm])
+        D = nonlocality(window_to_dense(local_attn, Hs, Ws, args.window), Hs, Ws, key_padding=args.window // 2)
+        res["local_nonlocality"] = {"model": local_arm, "stage": stage + 1, "per_head": D.mean(0).tolist()}
+        mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
+        image = (x[0].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()   # (S, S, 3) for imshow
+        res["figure"] = os.path.join(out, "attention_maps.png")
+        plot_attention(res["figure"], image, local_attn[0, :, (Hs // 2) * Ws + Ws // 2].cpu(), (Hs, Ws), args.window,
+                       probs[0, :, (Hc // 2) * Wc + Wc // 2].cpu(), (Hc, Wc), 3, f"{local_arm} stage {stage + 1}")
+        print(f"trained {local_arm} stage-{stage + 1} SASA heads: nonlocality (ConViT eq. 6, mean query-key distance in "
+              f"pixels) = {[round(v, 2) for v in D.mean(0).tolist()]}; figure: {res['figure']}", flush=True)
+    return res
 
 
 @torch.no_grad()
@@ -495,110 +841,82 @@ def plot_attention(path, image, local_attn, local_hw, window, conv_probs, conv_h
     plt.close(fig)
 
 
-def bench(args, device, *, dim=64, batch_size=16):
-    """Cost of ONE layer of each kind on a (B, 64, S, S) map: params, FLOPs (FlopCounterMode: matmuls/convs only),
-    train-step img/s and activation memory. Global attention grows as N^2, local as N L, axial as N (H + W)."""
-    rows = []
-    for size in (8, 16, 32):
-        layers = {"conv 3x3": nn.Conv2d(dim, dim, 3, padding=1),
-                  f"local {args.window}x{args.window}": LocalSelfAttention2d(dim, num_heads=dim // 8, window=args.window),
-                  "axial": AxialAttention2d(dim, num_heads=dim // 8, max_size=size),
-                  "global": MultiHeadSelfAttention2d(dim, num_heads=dim // 8, positional="learned", max_size=size)}
-        for name, layer in layers.items():
-            layer = layer.to(device)
-            flops = utils.count_flops(layer, (dim, size, size), device)
-            ips, mem = utils.measure_step(layer, (dim, size, size), batch_size=batch_size, steps=3, warmup=1,
-                                          device=device, forward=lambda m, x: m(x).mean((2, 3)))
-            rows.append(dict(size=size, layer=name, params=utils.count_params(layer), mflops=flops / 1e6,
-                             img_per_s=ips, memory_mb=mem))
-            print(f"{size:>2}x{size:<2} {name:<10} params {rows[-1]['params']:>7,d}  MFLOPs/img {flops / 1e6:8.1f}  "
-                  f"train {ips:8.0f} img/s  memory {mem:8.1f} MB (batch {batch_size})", flush=True)
-    return rows
+def time_step(layer, shape, *, batch_size, steps, forward=None):
+    """Median seconds of one forward + backward of `layer` on a random (batch_size, *shape) input (after 1 warm-up)."""
+    forward = forward or (lambda m, x: m(x))
+    x = torch.randn(batch_size, *shape, requires_grad=True)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        forward(layer, x).square().mean().backward()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[steps // 2]
+
+
+def bench(args, device, *, steps=7):
+    """One layer of each kind at the sizes the quick preset's all-local model runs (batch, width, resolution of each
+    stage, its window): SASA by unfold (the reference, this file's old implementation) and by the fast path, side by
+    side, the axial layer, and a 3x3 conv of the same width. Forward + backward, median of `steps` steps."""
+    q = argparse.Namespace(**{**vars(args), **{k: v for k, v in PRESETS["quick"].items() if k in
+                                               ("widths", "head_dim", "window", "stem_stride", "batch_size")}})
+    widths = matched_widths(MODELS["all-local"], widths=q.widths, head_dim=q.head_dim, window=q.window,
+                            image_size=args.image_size, stem_stride=q.stem_stride, num_classes=10)[0]
+    rows, lines = [], []
+    for stage, C in enumerate(widths):
+        S = args.image_size // q.stem_stride // 2 ** stage
+        utils.set_seed(0)
+        sasa = LocalSelfAttention2d(C, num_heads=C // q.head_dim, window=q.window).to(device)
+        fast = "dense" if S * S <= 4 * q.window ** 2 else "shifted"
+        t = {"SASA unfold": time_step(sasa, (C, S, S), batch_size=q.batch_size, steps=steps,
+                                      forward=lambda m, x: m(x, impl="unfold")),
+             f"SASA {fast}": time_step(sasa, (C, S, S), batch_size=q.batch_size, steps=steps),
+             "axial": time_step(AxialAttention2d(C, num_heads=C // q.head_dim, max_size=S), (C, S, S),
+                                batch_size=q.batch_size, steps=steps),
+             "conv 3x3": time_step(nn.Conv2d(C, C, 3, padding=1, bias=False), (C, S, S), batch_size=q.batch_size, steps=steps)}
+        row = dict(stage=stage + 1, size=S, width=C, batch=q.batch_size, window=q.window,
+                   ms={k: 1e3 * v for k, v in t.items()}, speedup=t["SASA unfold"] / t[f"SASA {fast}"],
+                   fast_over_conv=t[f"SASA {fast}"] / t["conv 3x3"], unfold_over_conv=t["SASA unfold"] / t["conv 3x3"])
+        rows.append(row)
+        lines.append(f"stage {stage + 1}: {S:>2}x{S:<2} C={C:<3} batch {q.batch_size} k={q.window}: " +
+                     "  ".join(f"{k} {1e3 * v:7.1f} ms" for k, v in t.items()) +
+                     f"  | SASA fast/unfold speed-up {row['speedup']:4.1f}x; SASA/conv {row['fast_over_conv']:4.1f}x "
+                     f"(unfold/conv {row['unfold_over_conv']:4.1f}x)")
+        print(lines[-1], flush=True)
+    total = {k: sum(r["ms"][k] for r in rows if k in r["ms"]) for k in ("SASA unfold", "conv 3x3")}
+    total["SASA fast"] = sum(v for r in rows for k, v in r["ms"].items() if k in ("SASA shifted", "SASA dense"))
+    lines.append(f"all three stages: SASA unfold {total['SASA unfold']:.1f} ms, fast {total['SASA fast']:.1f} ms "
+                 f"({total['SASA unfold'] / total['SASA fast']:.1f}x faster), conv 3x3 {total['conv 3x3']:.1f} ms "
+                 f"(fast SASA / conv = {total['SASA fast'] / total['conv 3x3']:.1f}x)")
+    print(lines[-1], flush=True)
+    return {"rows": rows, "lines": lines, "total_ms": total}
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 def main(argv=None):
     args = get_args(argv)
-    print(utils.reproduce_command(), flush=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = utils.get_device(args.device)
-    out_dir = args.out or os.path.join("runs", "01_conv_vs_attention")
-    os.makedirs(out_dir, exist_ok=True)
+    device, out = utils.start(args, "01_conv_vs_attention")
     config = {k: v for k, v in vars(args).items()}
     if args.bench:
-        rows = bench(args, device)
-        utils.save_results(os.path.join(out_dir, "bench.json"), config, {"bench": rows})
-        return rows
-
+        res = bench(args, device)
+        utils.save_results(os.path.join(out, "bench.json"), config, res)
+        return res
     data = utils.data_from_args(args)
-    print(f"data: {len(data.x_train)} train / {len(data.x_test)} test images, {data.num_classes} classes, "
+    print(f"data: {len(data.y_train):,d} train / {len(data.y_test):,d} test images, {data.num_classes} classes, "
           f"{args.image_size}x{args.image_size}, device {device}", flush=True)
-    results, trained = {}, {}
-    for name in args.models:
-        accs = []
-        for s in range(args.seeds):
-            model, acc, hist = run_model(name, args, data, device, args.seed + s)
-            accs.append(acc)
-        trained[name] = model                                   # the last seed's model, for the figure
-        shape = (3, args.image_size, args.image_size)
-        ips, mem = utils.measure_step(model, shape, batch_size=args.batch_size,
-                                      num_classes=data.num_classes, steps=3, warmup=1, device=device)
-        acc_t = torch.tensor(accs)
-        results[name] = dict(ops=list(MODELS[name]), params=utils.count_params(model),
-                             mflops=utils.count_flops(model, shape, device) / 1e6, train_img_per_s=ips, memory_mb=mem,
-                             test_acc_mean=acc_t.mean().item(), test_acc_std=acc_t.std().item() if len(accs) > 1 else 0.0,
-                             test_accs=accs, seeds=len(accs), last_history=hist)
-
-    chance = 100.0 / data.num_classes
-    header = f"{'model':<10} {'ops (stage 1,2,3)':<20} {'params':>8} {'MFLOPs':>8} {'train img/s':>11} {'mem MB':>7} {'test acc %':>16}"
-    lines = [header, "-" * len(header)]
-    for name, r in results.items():
-        acc = f"{r['test_acc_mean']:.1f} ± {r['test_acc_std']:.1f} (n={r['seeds']})"
-        lines.append(f"{name:<10} {','.join(r['ops']):<20} {r['params']:>8,d} {r['mflops']:>8.1f} "
-                     f"{r['train_img_per_s']:>11.0f} {r['memory_mb']:>7.1f} {acc:>16}")
-    lines.append(f"chance = {chance:.1f}%; {len(data.x_train)} train / {len(data.x_test)} test images, "
-                 f"{args.epochs} epochs, image {args.image_size}x{args.image_size}, device {device}")
-    print("\n" + "\n".join(lines), flush=True)
-
-    metrics = {"models": results, "table": lines, "chance": chance}
-    x, _ = next(iter(utils.DeviceLoader(data.x_test[:16], data.y_test[:16], batch_size=16, device=device, train=False,
-                                        mean=data.mean, std=data.std)))  # (16, 3, S, S) normalised test images
-    conv_name = next((n for n in trained if MODELS[n][0] == "conv"), None)
-    local_name = next((n for n in trained if "local" in MODELS[n]), None)
-    if conv_name is not None:
-        err, probs, (Hc, Wc) = conv_equivalence_check(trained[conv_name].eval(), x, args.alpha)
-        # the whole trained network with that conv swapped for its 9-head attention twin, on the whole test subset
-        swapped = copy.deepcopy(trained[conv_name])
-        swapped.stages[0][1].op1 = attention_from_conv(swapped.stages[0][1].op1, args.alpha)
-        small = utils.DeviceLoader(data.x_test, data.y_test, batch_size=50, device=device, train=False,
-                                   mean=data.mean, std=data.std)
-        acc_conv, acc_swapped = utils.evaluate(trained[conv_name], small).acc, utils.evaluate(swapped, small).acc
-        metrics["conv_equivalence"] = {"model": conv_name, "alpha": args.alpha, "max_abs_err": err,
-                                       "test_acc_conv": acc_conv, "test_acc_attention_swapped": acc_swapped,
-                                       "head_nonlocality": nonlocality(probs[0], Hc, Wc, key_padding=1).tolist()}
-        print(f"Theorem 1 on real data: {conv_name}'s trained stage-1 conv rebuilt by attention_from_conv (alpha "
-              f"{args.alpha:g}, 9 heads): max |attention - conv| = {err:.2e} on real test features; test accuracy "
-              f"with the attention layer swapped in {acc_swapped:.1f}% (with the conv: {acc_conv:.1f}%); "
-              f"head nonlocality (ConViT eq. 6) = "
-              f"{[round(v, 2) for v in metrics['conv_equivalence']['head_nonlocality']]}", flush=True)
-    if conv_name is not None and local_name is not None:
-        local_attn, (Hs, Ws), stage = local_attention_maps(trained[local_name].eval(), x, MODELS[local_name])
-        D = nonlocality(window_to_dense(local_attn, Hs, Ws, args.window), Hs, Ws, key_padding=args.window // 2)
-        metrics["local_nonlocality"] = {"model": local_name, "stage": stage + 1, "per_head": D.mean(0).tolist()}
-        print(f"trained {local_name} stage {stage + 1} SASA heads: nonlocality (ConViT eq. 6: mean query-key distance "
-              f"in pixels, 16 test images) = {[round(v, 2) for v in D.mean(0).tolist()]}", flush=True)
-        mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
-        image = (x[0].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()   # (S, S, 3) for imshow
-        fig_path = os.path.join(out_dir, "attention_maps.png")
-        plot_attention(fig_path, image, local_attn[0, :, (Hs // 2) * Ws + Ws // 2].cpu(), (Hs, Ws), args.window,
-                       probs[0, :, (Hc // 2) * Wc + Wc // 2].cpu(), (Hc, Wc), 3, f"{local_name} stage {stage + 1}")
-        metrics["figure"] = fig_path
-        print(f"figure: {fig_path}", flush=True)
-    path = utils.save_results(os.path.join(out_dir, "results.json"), config, metrics)
-    print(f"results: {path}", flush=True)
-    return metrics
+    todo = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+    trained = train_all(args, data, todo, device)
+    results = {}
+    for name in todo:
+        print(f"== {name} ==", flush=True)
+        fn = {"compare": lambda: exp_compare(args, out, trained), "scaling": lambda: exp_scaling(args, out, trained),
+              "swap": lambda: exp_swap(args, out, trained, data, device)}[name]
+        results[name] = fn()
+        utils.save_results(os.path.join(out, f"{name}.json"), config, results[name])
+    runs = [{k: v for k, v in r.items() if k != "state"} for r in trained["runs"].values()]
+    utils.save_results(os.path.join(out, "results.json"), config, {**results, "runs": runs})
+    print(f"results: {out}/results.json", flush=True)
+    return {**results, "runs": runs}
 
 
 if __name__ == "__main__":
