@@ -79,7 +79,9 @@ against the paper's text ("paper" = stated there; "OURS" = left open by the pape
      the relative position table is one vector per window offset and channel (SASA splits each vector into a row half
      and a column half); logits are scaled by 1/sqrt(d). Axial (Axial-DeepLab): only the query-side position term
      q . r (no key- and value-side terms), no BatchNorm on the logits, one output projection after the height and
-     width layers. AXIAL_NOTE_PLACEHOLDER
+     width layers; OURS: a per-head relative bias b_{j-i} added to the logits, initialised to -(j - i)^2 (a locality
+     prior, as ConViT's init is one): without it each axial layer starts as the mean of its column / row and all-axial
+     nets learned worse than nets with no spatial operator at all (`--experiment axial`; AxialSelfAttention).
 
 Statistics. Every comparison is over paired seeds (utils.compare_paired: mean difference, 95% t-interval, n): the
 arms of one seed share the data split, the batches and augmentation (a fresh loader seeded with the seed), the
@@ -92,6 +94,7 @@ h heads, d = c / h channels per head, H, W height and width, R a stage's resolut
 positions, K kernel or window size, L the length of the axis an axial layer attends along, M the other axis.
 """
 import argparse
+import functools
 import itertools
 import math
 import os
@@ -114,11 +117,11 @@ PRESETS = {
                   depths=(1, 1, 1), max_heads=2, head_choices=(1, 2), width_ratios=(0.5, 0.75, 1.0),
                   conv_kernels=(3, 5), local_windows=(3, 5),
                   sharing_mid_channels=(16, 16, 32), sharing_max_heads=4, sharing_head_choices=(1, 2, 4),
-                  sharing_width_ratios=(0.25, 0.5, 1.0),
+                  sharing_width_ratios=(0.25, 0.5, 1.0), sharing_local_windows=(3,),
                   train_per_class=250, val_per_class=200, test_per_class=None, batch_size=64, lr=3e-3,
-                  supernet_epochs=4, n_random=1, calib_batches=4, seeds=5, probes=3,
-                  population=12, generations=4, parents=4, mutate_prob=0.3,
-                  standalone_epochs=10, retrain_seeds=5, select_seeds=2, margin=2.0, margin_nll=0.05, workers=2, threads=1,
+                  supernet_epochs=3, n_random=1, calib_batches=4, seeds=5, probes=3,
+                  population=10, generations=4, parents=4, mutate_prob=0.3,
+                  standalone_epochs=8, retrain_seeds=4, select_seeds=1, margin=2.0, margin_nll=0.05, workers=2, threads=1,
                   all_experiments=("sampling", "sharing", "sampler", "search")),  # axial: its own command (~4 min)
     # full: CIFAR-10 at 32 px, two searched blocks per stage, all training images but 500 per class of validation;
     # meant for one GPU (not measured in this task: no GPU was available).
@@ -126,7 +129,7 @@ PRESETS = {
                  depths=(2, 2, 2), max_heads=8, head_choices=(4, 8), width_ratios=(0.5, 0.75, 1.0),
                  conv_kernels=(3, 5), local_windows=(3, 5, 7),
                  sharing_mid_channels=(32, 64, 128), sharing_max_heads=8, sharing_head_choices=(2, 4, 8),
-                 sharing_width_ratios=(0.25, 0.5, 1.0),
+                 sharing_width_ratios=(0.25, 0.5, 1.0), sharing_local_windows=(3, 5, 7),
                  train_per_class=None, val_per_class=500, test_per_class=None, batch_size=128, lr=2e-3,
                  supernet_epochs=100, n_random=2, calib_batches=8, seeds=5, probes=8,
                  population=32, generations=10, parents=8, mutate_prob=0.2,
@@ -158,6 +161,7 @@ def get_args(argv=None):
              ("sharing_max_heads", ints, "sharing experiment: heads of the widest layer"),
              ("sharing_head_choices", tuples, "sharing experiment: head counts"),
              ("sharing_width_ratios", dict(nargs="+", type=utils.positive_float), "sharing experiment: width ratios"),
+             ("sharing_local_windows", tuples, "sharing experiment: local windows"),
              ("batch_size", ints, None), ("lr", utils.positive_float, "peak AdamW learning rate"),
              ("supernet_epochs", ints, None), ("n_random", utils.nonneg_int, "sandwich: random sub-networks per step"),
              ("calib_batches", ints, "training batches that re-estimate a sub-network's BatchNorm statistics"),
@@ -196,7 +200,8 @@ def space_from_args(args, sharing=False):
     kw = {k: getattr(args, k) for k in SPACE_KEYS}
     if sharing:
         kw.update(mid_channels=args.sharing_mid_channels, max_heads=args.sharing_max_heads,
-                  head_choices=args.sharing_head_choices, width_ratios=args.sharing_width_ratios, ops=("local", "axial"))
+                  head_choices=args.sharing_head_choices, width_ratios=args.sharing_width_ratios,
+                  local_windows=args.sharing_local_windows, ops=("local", "axial"))
     return SearchSpace(**kw)
 
 
@@ -212,6 +217,7 @@ def window_cells(K):
     return [(i, j) for i in range(K) for j in range(K)]
 
 
+@functools.lru_cache(maxsize=64)
 def inside_window(H, W, K, device=None):
     """(K*K, H, W) bool: whether window cell o of pixel (y, x) lies inside the image (cells outside are zero padding,
     not pixels: they get no attention weight)."""
@@ -926,7 +932,7 @@ def sharing_sensitive_configs(space, n, generator):
 
 def probe_configs(space, args, generator):
     """The sampler experiment's fixed probe sets, drawn once before any training: per operator type, args.probes
-    all-<type> sub-networks (candidates uniformly per block), and args.probes mixed (hierarchically sampled) ones."""
+    distinct all-<type> sub-networks (candidates uniformly per block)."""
     sets = {op: [] for op in space.ops}
     for op in space.ops:
         for _ in range(100 * args.probes):
@@ -935,7 +941,6 @@ def probe_configs(space, args, generator):
                 sets[op].append(c)
             if len(sets[op]) == args.probes:
                 break
-    sets["mixed"] = [sample_config(space, generator) for _ in range(args.probes)]
     return sets
 
 
@@ -945,21 +950,26 @@ def head_alignment(supernet, x, calib_loader):
     full-width layer? For every attention type and block, the images x go through the all-<type> largest network;
     at each block every sharing-sensitive choice (same window) is compared with the full layer on the same input:
         TV = 1/2 sum_j |a_ij(narrow head i) - a_ij(full head i)|, averaged over heads, queries and images,
-    0 = identical attention, 1 = disjoint. Local: KxK window weights; axial: the height layer's. -> {op: TV}."""
+    0 = identical attention, 1 = disjoint. Local: KxK window weights; axial: the height layer's. Also the TV of the
+    full layer's attention from uniform attention: how much there is to preserve. -> {op: TV, op_vs_uniform: TV}."""
     space, out = supernet.space, {}
     for op in [o for o in space.ops if o != "conv"]:
         full = space.extreme(True, (op,) * space.num_blocks)
         recalibrate_bn(supernet, lambda m, xb: m(xb, full), calib_loader)
-        h, tvs = supernet.stem(x), []
+        h, tvs, flat = supernet.stem(x), [], []
+        dim = 2 if op == "local" else 3                                    # the keys' dimension
+        tv = lambda a, b: 0.5 * (a - b).abs().sum(dim).mean().item()
         for b, block in enumerate(supernet.blocks):
             _, y = block.reduced(h, full[b])
             a_full = block.attention_weights(y, full[b], supernet.sharing)
+            valid = (a_full > 0).float()                                   # the keys a query can attend to
+            flat.append(tv(a_full, valid / valid.sum(dim, keepdim=True)))
             for ch in space.candidates[b][op]:
                 if sharing_sensitive(space, b, ch) and ch.size == full[b].size:
                     a = block.attention_weights(y[:, :ch.width], ch, supernet.sharing)  # reduce: first c channels
-                    tvs.append(0.5 * (a - a_full[:, :ch.heads]).abs().sum(2 if op == "local" else 3).mean().item())
+                    tvs.append(tv(a, a_full[:, :ch.heads]))
             h = block(h, full[b], supernet.sharing)
-        out[op] = float(np.mean(tvs))
+        out[op], out[op + "_vs_uniform"] = float(np.mean(tvs)), float(np.mean(flat))
     return out
 
 
@@ -1201,6 +1211,7 @@ def exp_sharing(args, data, out):
     nll = {a: [float(np.mean([x[1] for x in res[s, a]["scores"][0]])) for s in seeds] for a in arms}
     tv = {(a, op, when): [res[s, a][when][op] for s in seeds] for a in arms for op in ("local", "axial")
           for when in ("tv_init", "tv")}
+    tv_flat = {f"{a}/{op}": [res[s, a]["tv"][op + "_vs_uniform"] for s in seeds] for a in arms for op in ("local", "axial")}
     rows = [[s, *(acc[a][i] for a in arms), *(f"{nll[a][i]:.3f}" for a in arms),
              *(f"{tv[a, op, 'tv'][i]:.3f}" for op in ("local", "axial") for a in arms)] for i, s in enumerate(seeds)]
     print(table(rows, ["seed", "acc multi-head", "acc plain", "NLL multi-head", "NLL plain", "TV local mh",
@@ -1208,7 +1219,10 @@ def exp_sharing(args, data, out):
     verdicts = {"acc": utils.compare_paired(acc["multihead"], acc["plain"], name_a="multi-head", name_b="plain", bound=1.0),
                 "nll": utils.compare_paired(nll["multihead"], nll["plain"], name_a="multi-head", name_b="plain",
                                             unit="nats", digits=3, higher_is_better=False, bound=0.02)}
-    print("mechanism: TV distance between a narrow layer's head i and the full layer's head i (0 = same attention):")
+    flat = {op: np.mean([res[s, a]["tv"][op + "_vs_uniform"] for s in seeds for a in arms]) for op in ("local", "axial")}
+    print(f"mechanism: TV distance between a narrow layer's head i and the full layer's head i (0 = same attention); "
+          f"the trained full layers' attention is itself only {flat['local']:.3f} (local) / {flat['axial']:.3f} (axial) "
+          f"TV away from uniform attention:")
     for op in ("local", "axial"):
         for when in ("tv_init", "tv"):
             verdicts[f"{op}_{when}"] = utils.compare_paired(
@@ -1216,7 +1230,8 @@ def exp_sharing(args, data, out):
                 name_b=f"{op} plain", unit="TV", digits=3, higher_is_better=False, bound=0.02,
                 pairs="paired seeds" + (" (untrained supernets)" if when == "tv_init" else ""))
     return {"probes": [[str(ch) for ch in c] for c in probes], "acc": acc, "nll": nll,
-            "tv": {f"{a}/{op}/{w}": v for (a, op, w), v in tv.items()}, "verdicts": verdicts,
+            "tv": {f"{a}/{op}/{w}": v for (a, op, w), v in tv.items()}, "tv_full_vs_uniform": tv_flat,
+            "verdicts": verdicts,
             "train_s": [res[k]["train_s"] for k in res]}
 
 
@@ -1244,11 +1259,9 @@ def exp_sampler(args, data, out):
     verdicts = {}
     for n in names:
         verdicts[f"{n}_acc"] = utils.compare_paired(score["uniform", n, 0], score["hierarchical", n, 0],
-                                                    name_a=f"all-{n} uniform" if n != "mixed" else "mixed uniform",
-                                                    name_b="hierarchical", bound=1.0)
+                                                    name_a=f"all-{n} uniform", name_b="hierarchical", bound=1.0)
         verdicts[f"{n}_nll"] = utils.compare_paired(score["uniform", n, 1], score["hierarchical", n, 1],
-                                                    name_a=f"all-{n} uniform" if n != "mixed" else "mixed uniform",
-                                                    name_b="hierarchical", unit="nats", digits=3,
+                                                    name_a=f"all-{n} uniform", name_b="hierarchical", unit="nats", digits=3,
                                                     higher_is_better=False, bound=0.02)
     if {"local", "axial"} <= set(names):
         print("prediction: uniform sampling widens the all-local minus all-axial gap (accuracy; NLL: axial minus local)")
@@ -1258,6 +1271,11 @@ def exp_sampler(args, data, out):
                                                    name_b="gap hierarchical", bound=1.0)
         verdicts["gap_nll"] = utils.compare_paired(gap_nll["uniform"], gap_nll["hierarchical"], name_a="gap uniform",
                                                    name_b="gap hierarchical", unit="nats", digits=3, bound=0.02)
+        for k in ("gap_acc", "gap_nll"):
+            lo, hi = verdicts[k]["ci"]
+            verdicts[k]["prediction"] = "holds" if lo > 0 else "contradicted" if hi < 0 else "not decided at this budget"
+        print(f"-> the prediction {verdicts['gap_acc']['prediction']} in accuracy, {verdicts['gap_nll']['prediction']} "
+              f"in NLL (a gap difference > 0 = uniform sampling widened the gap)")
     state = res[args.seed, "hierarchical"].get("state")
     return {"probe_sets": {n: [[str(ch) for ch in c] for c in sets[n]] for n in names},
             "scores": {f"{a}/{n}/{'acc' if m == 0 else 'nll'}": v for (a, n, m), v in score.items()},
@@ -1279,10 +1297,10 @@ def exp_search(args, data, out, state=None):
     stand = lambda c, ss: [("standalone", dict(args=args, data=data, config=c, seed=s, ref_config=ref)) for s in ss]
     select = seeds[:args.select_seeds]  # every single-operator net trains on these seeds: the choice of the best
     jobs = [j for op in space.ops for j in stand(single[op], select)]  # operator is made on their VALIDATION scores
-    jobs.insert(1, ("supernet", dict(args=args, data=data, seed=args.seed, sharing="multihead", scheme="hierarchical",
-                                     probes=[], state=state, search=True)))
+    jobs.insert(len(select), ("supernet", dict(args=args, data=data, seed=args.seed, sharing="multihead",
+                                               scheme="hierarchical", probes=[], state=state, search=True)))
     res = utils.run_jobs(run_job, jobs, workers=args.workers)
-    search, runs = res.pop(1)["search"], {}
+    search, runs = res.pop(len(select))["search"], {}
     for i, op in enumerate(space.ops):
         runs[f"all-{op}"] = res[i * len(select):(i + 1) * len(select)]
     best_op = max(space.ops, key=lambda op: np.mean([r["val"][0] for r in runs[f"all-{op}"]]))  # chosen on VALIDATION
@@ -1292,12 +1310,13 @@ def exp_search(args, data, out, state=None):
           f"{dict(search['scores'])[searched]:.1f}% is the best of {len(search['scores'])} noisy validation scores, "
           f"hence optimistic); best single operator on validation ({len(select)} seeds): {best_op}; FLOPs-matched "
           f"all-{best_op}: {' '.join(map(str, matched))}", flush=True)
-    rest = seeds[len(select):]
-    more = stand(searched, seeds) + stand(single[best_op], rest) + (stand(matched, seeds) if matched != single[best_op] else [])
+    rest, new_matched = seeds[len(select):], matched not in (searched, single[best_op])
+    more = stand(searched, seeds) + stand(single[best_op], rest) + (stand(matched, seeds) if new_matched else [])
     res2 = utils.run_jobs(run_job, more, workers=args.workers)
     runs["searched"] = res2[:len(seeds)]
     runs[f"all-{best_op}"] = runs[f"all-{best_op}"] + res2[len(seeds):len(seeds) + len(rest)]
-    runs[f"all-{best_op} FLOPs-matched"] = res2[len(seeds) + len(rest):] or runs[f"all-{best_op}"]
+    runs[f"all-{best_op} FLOPs-matched"] = res2[len(seeds) + len(rest):] if new_matched else \
+        runs["searched" if matched == searched else f"all-{best_op}"]  # the same network: its runs, not a re-run
     configs = {**{f"all-{op}": single[op] for op in space.ops}, "searched": searched,
                f"all-{best_op} FLOPs-matched": matched}
     verdicts = report_search(args, space, nc, runs, configs, best_op)
@@ -1317,7 +1336,8 @@ def report_search(args, space, nc, runs, configs, best_op):
         acc = utils.mean_ci([r["test"][0] for r in rs])
         rows.append([name, " ".join(map(str, configs[name])), len(rs), f"{rs[0]['params'] / 1e3:.0f}k",
                      f"{space.flops(configs[name], nc) / 1e6:.2f}", np.mean([r["val"][0] for r in rs]),
-                     f"{acc[0]:.1f} [{acc[1]:.1f}, {acc[2]:.1f}]", f"{np.mean([r['test'][1] for r in rs]):.3f}",
+                     f"{acc[0]:.1f} [{acc[1]:.1f}, {acc[2]:.1f}]" if len(rs) > 1 else f"{acc[0]:.1f}",
+                     f"{np.mean([r['test'][1] for r in rs]):.3f}",
                      f"{np.mean([r['train_s'] for r in rs]):.0f}"])
     print(f"stand-alone nets, {args.standalone_epochs} epochs, paired seeds; test = full test split:")
     print(table(rows, ["model", "blocks", "seeds", "params", "MFLOPs", "val %", "test % [95% CI]", "test NLL", "train s"]))
@@ -1325,6 +1345,9 @@ def report_search(args, space, nc, runs, configs, best_op):
     verdicts = {}
     print(f"'TrioNet matches the best single operator' = the searched net is equivalent within +-{args.margin:g} points:")
     for other in (f"all-{best_op}", f"all-{best_op} FLOPs-matched"):
+        if configs[other] == configs["searched"]:
+            print(f"the searched net is itself the {other} net: nothing to compare")
+            continue
         verdicts[other] = utils.compare_paired(test["searched"][0], test[other][0], name_a="searched", name_b=other,
                                                bound=args.margin)
         verdicts[other + " NLL"] = utils.compare_paired(test["searched"][1], test[other][1], name_a="searched",
