@@ -73,8 +73,10 @@ Notation used in shape comments: B batch, C embedding dim, H, W image size, P pa
 N = G*G patch tokens, h heads (N_h in the paper), d = C/h dims per head, L depth.
 """
 import argparse
+import dataclasses
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -86,29 +88,27 @@ import utils
 # ------------------------------------------------------------------------------------------------ config
 
 PRESETS = {
-    # quick: CPU minutes. 250 images per class form the pool ("100%"); fractions are taken from it. ~780 optimiser
-    # steps per run: at 10% (25 images per class, ~110 epochs) the models are trained long on few images, the
-    # paper's data-starved regime; at 100% (10 epochs) they are still compute-limited. 2 seeds at the low-data point.
-    "quick": dict(embed_dim=48, depth=4, num_heads=4, local_up_to_layer=3, patch_size=4, mlp_ratio=2.0,
-                  train_per_class=250, test_per_class=200, fractions=[0.1, 1.0], base_epochs=10, low_seeds=2,
-                  ablation_fraction=0.1, track_epochs=12, batch_size=32, lr=2e-3, warmup_epochs=0.5, snapshots=10,
-                  threads=1),  # 1 thread: on a shared 2-core box, 2 OpenMP threads collapsed to ~20 img/s (measured)
-    # full: ConViT-Ti on all of CIFAR-10, for one GPU (not measured in this task).
+    # quick: CPU minutes (see the docstring for how the budget was planned).
+    "quick": dict(embed_dim=48, depth=4, num_heads=4, local_up_to_layer=3, patch_size=8, mlp_ratio=2.0,
+                  cnn_widths=[16, 32, 64], sizes=[100, 500], epochs=25, seeds=8, control_seeds=4, ablation_seeds=4,
+                  batch_size=32, lr=2e-3, warmup_frac=0.05, snapshots=10, train_per_class=None, val_per_class=0,
+                  test_per_class=None, workers=2, threads=1),
+    # full: ConViT-Ti on CIFAR-10 for one GPU (not measured in this task: no GPU was available).
     "full": dict(embed_dim=192, depth=12, num_heads=4, local_up_to_layer=10, patch_size=4, mlp_ratio=4.0,
-                 train_per_class=None, test_per_class=None, fractions=[0.05, 0.1, 0.25, 0.5, 1.0], base_epochs=100,
-                 ablation_fraction=0.1, track_epochs=100, batch_size=128, lr=1e-3, warmup_epochs=5.0, snapshots=20,
-                 threads=None, low_seeds=1),
+                 cnn_widths=[64, 128, 256], sizes=[500, 5000], epochs=1000, seeds=3, control_seeds=3, ablation_seeds=3,
+                 batch_size=128, lr=1e-3, warmup_frac=0.02, snapshots=20, train_per_class=None, val_per_class=0,
+                 test_per_class=None, workers=1, threads=None),
 }
-EXPERIMENTS = ("sample", "ablation", "locality", "maps")
 
 
 def get_args(argv=None):
     p = utils.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Presets (a flag you pass wins over its preset value):\n" +
-                                       "\n".join(f"  {k}: {v}" for k, v in PRESETS.items()))
-    p.add_argument("--experiment", default="all", choices=EXPERIMENTS + ("all",), help="which experiment to run")
-    p.add_argument("--quick", action="store_true", help="CPU-sized preset (<= ~5 min per experiment on 2 cores)")
-    p.add_argument("--bench", action="store_true", help="only measure train-step img/s of ConViT vs DeiT at batch 128")
+                             epilog="Presets (a flag you pass wins over its preset value):\n" +
+                                    "\n".join(f"  {k}: {v}" for k, v in PRESETS.items()))
+    p.add_argument("--experiment", default="all", choices=("sample", "controls", "ablation", "locality", "maps", "all"),
+                   help="which experiment to run (default all; they share their training runs)")
+    p.add_argument("--quick", action="store_true", help="CPU-sized preset (all experiments <= 10 min on 2 cores)")
+    p.add_argument("--bench", action="store_true", help="only time GPSA's fast path against the explicit eq. 7-8 form")
     p.add_argument("--embed-dim", type=utils.positive_int, help="C, the token width")
     p.add_argument("--depth", type=utils.positive_int, help="L, number of blocks")
     p.add_argument("--num-heads", type=utils.positive_int, help="h; a square number tiles a sqrt(h) x sqrt(h) grid of head centres")
@@ -116,17 +116,23 @@ def get_args(argv=None):
     p.add_argument("--patch-size", type=utils.positive_int, help="P; the image size must be divisible by it")
     p.add_argument("--mlp-ratio", type=utils.positive_float)
     p.add_argument("--locality-strength", type=utils.positive_float, default=1.0, help="alpha of eq. 5 (sharpness of the local init)")
-    p.add_argument("--fractions", type=utils.positive_float, nargs="+", help="training-set fractions for the sample experiment")
-    p.add_argument("--base-epochs", type=utils.positive_int, help="epochs at fraction 1; fraction f trains ~base/f epochs")
-    p.add_argument("--low-seeds", type=utils.positive_int, help="seeds (--seed, --seed+1, ...) for the smallest fraction of the "
-                   "sample experiment, where the variance is largest; the table reports their mean")
-    p.add_argument("--ablation-fraction", type=utils.positive_float, help="low-data fraction used by the ablation")
+    p.add_argument("--cnn-widths", type=utils.positive_int, nargs="+", help="channels of the control CNN's stages")
+    p.add_argument("--sizes", type=utils.positive_int, nargs="+",
+                   help="training images per class of the sample experiment; the smallest is also the size of the "
+                        "controls, the ablation and the locality runs")
+    p.add_argument("--epochs", type=utils.positive_int, help="epochs at the smallest size; a size k times larger trains "
+                   "k times fewer epochs, so every run sees the same number of images (paper Table 2)")
+    p.add_argument("--seeds", type=utils.positive_int, help="paired seeds (--seed, --seed+1, ...) of every comparison")
+    p.add_argument("--control-seeds", type=utils.positive_int, help="paired seeds of the controls (the first ones)")
+    p.add_argument("--ablation-seeds", type=utils.positive_int, help="paired seeds of the ablation (the first ones)")
     p.add_argument("--batch-size", type=utils.positive_int)
     p.add_argument("--lr", type=utils.positive_float)
     p.add_argument("--weight-decay", type=utils.nonneg_float, default=0.05)
-    p.add_argument("--warmup-epochs", type=utils.positive_float, help="warmup at fraction 1 (scaled by 1/f like the epochs)")
-    p.add_argument("--track-epochs", type=utils.positive_int, help="epochs of the two runs the locality and maps experiments analyse")
+    p.add_argument("--warmup-frac", type=utils.nonneg_float, help="linear warmup, as a fraction of each run's steps")
     p.add_argument("--snapshots", type=utils.positive_int, help="how many times the locality experiment measures during training")
+    p.add_argument("--eval-split", default="test", choices=("test", "val"),
+                   help="score runs on the test set, or on --val-per-class images per class carved from train "
+                        "(how the quick preset's regime was checked without looking at the test set)")
     utils.add_common_args(p)
     args = p.parse_args(argv)
     utils.apply_preset(args, PRESETS["quick" if args.quick else "full"])
@@ -136,32 +142,55 @@ def get_args(argv=None):
         p.error(f"--embed-dim {args.embed_dim} is not divisible by --num-heads {args.num_heads}")
     if not 0 <= args.local_up_to_layer < args.depth:
         p.error(f"--local-up-to-layer must be in [0, depth={args.depth}): the class token needs >= 1 MHSA block")
-    if args.low_seeds < 1:
-        p.error(f"--low-seeds must be >= 1, got {args.low_seeds}")
-    if not all(0 < f <= 1 for f in args.fractions + [args.ablation_fraction]):
-        p.error("--fractions and --ablation-fraction must lie in (0, 1]")
+    for flag in ("control_seeds", "ablation_seeds"):
+        if flag in args.preset_keys:  # the preset's count follows a smaller --seeds
+            setattr(args, flag, min(getattr(args, flag), args.seeds))
+        if getattr(args, flag) > args.seeds:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is more than --seeds {args.seeds}: they are the "
+                    f"first of the paired seeds")
+    if args.eval_split == "val" and not args.val_per_class:
+        p.error("--eval-split val needs a validation set: add e.g. --val-per-class 500")
+    if args.warmup_frac >= 1:
+        p.error(f"--warmup-frac must be < 1 (a fraction of each run's steps), got {args.warmup_frac}")
+    args.sizes = sorted(set(args.sizes))
     return args
+
+
+def fit_sizes(args, data):
+    """The preset's --sizes shrink to the smallest class of a small dataset (one printed line); a size the user asked
+    for that does not exist is an error."""
+    smallest = int(torch.bincount(data.y_train).min())
+    if max(args.sizes) <= smallest:
+        return
+    if "sizes" not in args.preset_keys:
+        raise utils.InputError(f"--sizes {max(args.sizes)} is more than the {smallest} training images of the smallest "
+                               f"class (after --val-per-class); use at most {smallest}")
+    args.sizes = sorted({min(n, smallest) for n in args.sizes})
+    print(f"note: this dataset is smaller than the preset, so --sizes -> {args.sizes}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
 
-def relative_indices(grid_size, device=None):
+def relative_indices(grid_size, device=None, dtype=torch.float32):
     """r_ij = (dx, dy, dx^2 + dy^2) for every (query i, key j) pair of a grid_size x grid_size patch grid (Sec. 3),
     with delta = key position - query position. Tokens are in raster order: token = y * G + x. -> (N, N, 3)"""
     ys, xs = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     pos = torch.stack([xs.flatten(), ys.flatten()], dim=1)  # (N, 2) as (x, y)
     delta = pos[None, :, :] - pos[:, None, :]               # (N_query, N_key, 2), key minus query
-    return torch.cat([delta, (delta ** 2).sum(-1, keepdim=True)], dim=-1).float().to(device)  # (N, N, 3)
+    return torch.cat([delta, (delta ** 2).sum(-1, keepdim=True)], dim=-1).to(device=device, dtype=dtype)  # (N, N, 3)
 
 
 def head_centres(num_heads):
     """Attention centres Delta_h = (dx, dy) of the convolutional init (eq. 5), one per head, in patch units.
 
-    A square head count h = k^2 gives the paper's k x k grid centred on the query, as in the official code: integer
-    offsets {-1, 0, 1}^2 for 9 heads (a 3x3 conv), half-integer offsets {-1/2, 1/2}^2 for 4 heads (each head then
-    spreads evenly over a 2x2 block: together a 3x3 receptive field). A NON-square h (the official code leaves the
-    extra heads random) takes the h cells nearest the centre of a ceil(sqrt(h)) x ceil(sqrt(h)) grid (ties in raster
-    order), e.g. h=5 -> centre + 4 neighbours, so every head still gets its own local centre. -> list of (dx, dy)"""
+    A square head count h = k^2 gives the paper's k x k grid centred on the query: integer offsets {-1, 0, 1}^2 for
+    9 heads (a 3x3 conv), half-integer offsets {-1/2, 1/2}^2 for 4 heads (each head then spreads evenly over a 2x2
+    block: together a 3x3 receptive field). This is the official code's SET of offsets, in another ORDER: it numbers
+    head i + k*j with Delta = (j - c, i - c), column by column; we number them row by row (raster order, dx fastest).
+    Heads are interchangeable, so the order changes nothing but the head labels of the figures. A NON-square h (the
+    official code leaves the extra heads randomly initialised) takes the h cells nearest the centre of a
+    ceil(sqrt(h)) x ceil(sqrt(h)) grid (ties in raster order), e.g. h=5 -> centre + 4 neighbours, so every head
+    still gets its own local centre. -> list of (dx, dy)"""
     k = math.ceil(math.sqrt(num_heads))
     c = (k - 1) / 2
     cells = [(x - c, y - c) for y in range(k) for x in range(k)]           # raster order (y outer)
@@ -172,9 +201,18 @@ def head_centres(num_heads):
 class GPSA(nn.Module):
     """Gated positional self-attention (paper Sec. 3, eq. 7-8), for the N patch tokens of a square grid.
 
-    A_h = normalise( (1 - sigma(lambda_h)) softmax(q_i.k_j / sqrt(d)) + sigma(lambda_h) softmax(v_pos^h . r_ij) )
-    The positional scores do not depend on the input, so they are computed once per forward, (h, N, N), and
-    broadcast over the batch (the official code expands r_ij to B copies first)."""
+        A_h = normalise( (1 - sigma(lambda_h)) softmax(q_i.k_j / sqrt(d)) + sigma(lambda_h) softmax(v_pos^h . r_ij) )
+
+    Two forms of the same layer, equal up to float rounding (tests):
+      forward_explicit / get_attention   eq. 7-8 as written: both softmaxes, the gated sum, the renormalisation,
+                                         then A @ V. The reference, and what the attention maps are read from.
+      forward                            the fast path. The gated sum is linear in the two maps, and both are
+                                         row-stochastic, so every row of the mix already sums to 1 (eq. 8 divides
+                                         by 1) and A V = (1 - g) softmax(QK^T/sqrt d) V + g softmax(v_pos.r) V. The
+                                         content half is one fused F.scaled_dot_product_attention (the B x h x N x N
+                                         map is never stored); the positional map does not depend on the image, so
+                                         it is ONE (h, N, N) matrix applied to the whole batch in one matmul per
+                                         head (the official code expands r_ij to B copies)."""
 
     def __init__(self, dim, *, num_heads, locality_strength=1.0, use_local_init=True, qkv_bias=False):
         super().__init__()
@@ -188,6 +226,7 @@ class GPSA(nn.Module):
         self.pos_proj = nn.Linear(3, num_heads)            # row h = v_pos^h, dotted with r_ij (bias: softmax-invariant)
         self.gating_param = nn.Parameter(torch.ones(num_heads))  # lambda_h, initialised to 1 (paper Sec. 3)
         self.register_buffer("rel_indices", torch.zeros(0, 0, 3), persistent=False)  # r_ij, rebuilt when N changes
+        self.fast = True  # False: forward runs the explicit eq. 7-8 form (the bench times both)
         for m in (self.qk, self.v, self.proj, self.pos_proj):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -198,7 +237,11 @@ class GPSA(nn.Module):
     @torch.no_grad()
     def local_init(self):
         """Eq. 5: W_val = I, and v_pos^h = alpha * (2 Delta_x, 2 Delta_y, -1) so that the positional score is
-        -alpha |delta - Delta_h|^2 + alpha |Delta_h|^2: a softmax peaked at offset Delta_h, sharper for larger alpha."""
+        -alpha |delta - Delta_h|^2 + alpha |Delta_h|^2: a softmax peaked at offset Delta_h, sharper for larger alpha.
+        At alpha = 1 the peak is soft (about half the mass on the nearest patches), and the gate sigma(1) = 0.73
+        leaves 27% to the content softmax, which is near-uniform at init (q.k ~ 0): the layer starts as ~73% soft
+        local attention + ~27% global average. It IS a convolution only in the sharp limit (alpha -> infinity, gate
+        -> 1, see tests)."""
         self.v.weight.copy_(torch.eye(self.dim))
         if self.v.bias is not None:
             self.v.bias.zero_()
@@ -206,36 +249,58 @@ class GPSA(nn.Module):
             self.pos_proj.weight[h] = self.locality_strength * torch.tensor([2 * dx, 2 * dy, -1.0])
         self.pos_proj.bias.zero_()
 
-    def _rel(self, N, device):
+    def rel(self, N):
+        """r_ij for N tokens, (N, N, 3), cached; built on the weights' device and in their dtype (float32, float64,
+        bfloat16 all work, also for a model cast before its first forward)."""
         G = math.isqrt(N)
         assert G * G == N, f"GPSA needs a square grid of patch tokens, got N={N}: do not include the class token"
-        if self.rel_indices.shape[0] != N or self.rel_indices.device != device:
-            self.rel_indices = relative_indices(G, device)  # (N, N, 3)
+        w = self.pos_proj.weight
+        if self.rel_indices.shape[0] != N or self.rel_indices.device != w.device or self.rel_indices.dtype != w.dtype:
+            self.rel_indices = relative_indices(G, w.device, w.dtype)
         return self.rel_indices
 
+    def positional_attention(self, N):
+        """softmax_j(v_pos^h . r_ij): the same (h, N, N) map for every image of the batch."""
+        return self.pos_proj(self.rel(N)).permute(2, 0, 1).softmax(dim=-1)                # (h, N, N)
+
     def get_attention(self, x):
-        """x (B, N, C) -> gated attention (B, h, N, N); every row sums to 1."""
+        """Eq. 7-8 as written: x (B, N, C) -> gated attention (B, h, N, N); every row sums to 1."""
         B, N, C = x.shape
         qk = self.qk(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, N, d)
         q, k = qk[0], qk[1]
         content = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)                      # (B, h, N, N)
-        # positional scores v_pos^h . r_ij: once per forward, shared by all B images
-        pos = self.pos_proj(self._rel(N, x.device)).permute(2, 0, 1).softmax(dim=-1)         # (h, N, N)
+        pos = self.positional_attention(N)                                                   # (h, N, N)
         gate = torch.sigmoid(self.gating_param).view(self.num_heads, 1, 1)                   # (h, 1, 1)
         attn = (1.0 - gate) * content + gate * pos                                           # eq. 7, (B, h, N, N)
-        return attn / attn.sum(dim=-1, keepdim=True)  # eq. 8 renormalisation (exact already up to rounding)
+        return attn / attn.sum(dim=-1, keepdim=True)                                         # eq. 8 renormalisation
 
-    def forward(self, x):
+    def forward_explicit(self, x):
+        """The reference form (eq. 7-8 with the B x h x N x N map materialised): what `forward` must equal."""
         B, N, C = x.shape
         attn = self.get_attention(x)                                                          # (B, h, N, N)
         v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)            # (B, h, N, d)
-        out = (attn @ v).transpose(1, 2).reshape(B, N, C)                                     # (B, N, C)
-        return self.proj(out)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))                         # (B, N, C)
+
+    def forward(self, x):
+        """Fast path: (1 - g) * SDPA(q, k, v) + g * P v, with P the batch-shared positional map (see class doc)."""
+        if not self.fast:
+            return self.forward_explicit(x)
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k = self.qk(x).reshape(B, N, 2, h, d).permute(2, 0, 3, 1, 4)                     # (2, B, h, N, d)
+        v = self.v(x).reshape(B, N, h, d)                                                    # (B, N, h, d)
+        content = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), scale=self.scale)  # (B, h, N, d)
+        v_cols = v.permute(2, 1, 0, 3).reshape(h, N, B * d)           # (h, N, B*d): the batch folded into columns
+        positional = self.positional_attention(N) @ v_cols            # (h, N, B*d): one matmul per head
+        positional = positional.view(h, N, B, d).permute(2, 1, 0, 3)  # (B, N, h, d)
+        gate = torch.sigmoid(self.gating_param).view(h, 1)           # (h, 1), broadcast over (B, N, h, d)
+        out = (1.0 - gate) * content.transpose(1, 2) + gate * positional                    # (B, N, h, d)
+        return self.proj(out.reshape(B, N, C))                                              # (B, N, C)
 
 
 class MHSA(nn.Module):
-    """Plain multi-head self-attention (ViT/DeiT). Attention is written out (no fused kernel) so that its maps can be
-    read and so that the ConViT-vs-DeiT speed comparison is like for like."""
+    """Plain multi-head self-attention (ViT/DeiT). forward uses the fused F.scaled_dot_product_attention, like
+    GPSA's fast path, so ConViT and DeiT are timed like for like; get_attention writes the softmax out for the maps."""
 
     def __init__(self, dim, *, num_heads, qkv_bias=False):
         super().__init__()
@@ -244,6 +309,7 @@ class MHSA(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.fast = True  # False: forward writes the softmax out (the bench times both)
 
     def _qkv(self, x):
         B, T, C = x.shape  # T tokens (N patches + 1 class token)
@@ -253,20 +319,28 @@ class MHSA(nn.Module):
         q, k, _ = self._qkv(x)
         return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (B, h, T, T)
 
+    def forward_explicit(self, x):
+        B, T, C = x.shape
+        v = self._qkv(x)[2]
+        return self.proj((self.get_attention(x) @ v).transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
     def forward(self, x):
+        if not self.fast:
+            return self.forward_explicit(x)
         B, T, C = x.shape
         q, k, v = self._qkv(x)
-        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (B, h, T, T)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, h, T, d)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C))           # (B, T, C)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)). attn is GPSA or MHSA."""
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)). attn is GPSA or MHSA. LayerNorm eps 1e-6
+    as the official code (timm's ViT default)."""
 
     def __init__(self, dim, *, num_heads, mlp_ratio=4.0, use_gpsa=False, locality_strength=1.0, use_local_init=True):
         super().__init__()
         self.use_gpsa = use_gpsa
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.attn = (GPSA(dim, num_heads=num_heads, locality_strength=locality_strength, use_local_init=use_local_init)
                      if use_gpsa else MHSA(dim, num_heads=num_heads))
         hidden = int(dim * mlp_ratio)
@@ -299,7 +373,7 @@ class ConViT(nn.Module):
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, use_gpsa=i < local_up_to_layer,
                   locality_strength=locality_strength, use_local_init=use_local_init) for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -313,12 +387,13 @@ class ConViT(nn.Module):
                 b.attn.local_init()
 
     def tokens(self, x):
-        x = self.patch_embed(x)                        # (B, C, G, G)
+        x = self.patch_embed(x)                                # (B, C, G, G)
         return x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, C)
 
     def forward(self, x, return_attention=False):
         """x (B, 3, H, W) -> logits (B, num_classes); with return_attention also a list, per block, of the
-        patch-to-patch attention (B, h, N, N) (class token row/column dropped, rows renormalised)."""
+        patch-to-patch attention (B, h, N, N) from the explicit form (class token row/column dropped, rows
+        renormalised)."""
         x, maps = self.tokens(x), []
         for i, blk in enumerate(self.blocks):
             if i == self.local_up_to_layer:  # class token concatenated AFTER the last GPSA block
@@ -334,10 +409,28 @@ class ConViT(nn.Module):
         return (logits, maps) if return_attention else logits
 
 
+class SmallCNN(nn.Module):
+    """Control: a small CNN, locality and weight sharing hard-wired. Three stages of conv3x3 -> BatchNorm -> GELU,
+    with 2x2 max-pooling between them, global average pooling, linear head."""
+
+    def __init__(self, *, in_chans=3, num_classes=10, widths=(32, 64, 128)):
+        super().__init__()
+        layers, c = [], in_chans
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU()]
+            layers += [nn.MaxPool2d(2)] if i < len(widths) - 1 else []
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))  # (B, C, h, w) -> (B, C) -> (B, num_classes)
+
+
 def nonlocality(attn, grid_size):
     """Paper Sec. 4 (Fig. 5): D_h = 1/N sum_ij A^h_ij ||delta_ij||, averaged over the batch, in patch units.
     attn (B, h, N, N) -> (h,)"""
-    dist = relative_indices(grid_size, attn.device)[..., 2].sqrt()  # (N, N)
+    dist = relative_indices(grid_size, attn.device, attn.dtype)[..., 2].sqrt()  # (N, N)
     return (attn * dist).sum(-1).mean(dim=(0, 2))
 
 
@@ -354,70 +447,224 @@ def build_model(args, num_classes, *, convit=True, use_local_init=True):
                   locality_strength=args.locality_strength, use_local_init=use_local_init)
 
 
+@torch.no_grad()
+def pair_init(deit, model, *, copy_values=False):
+    """Paired arms: give `model` DeiT's initial value of every weight the two share. Same-named tensors (patch and
+    position embeddings, class token, norms, MLPs, attention output projections, head) via utils.copy_shared_init;
+    in GPSA blocks also the query/key rows of DeiT's qkv matrix and, for a GPSA without the conv init
+    (copy_values=True), its value rows. The arms then differ only by design: the positional part, the gate, and
+    W_val = I of the conv init. Returns the number of tensors copied."""
+    n = len(utils.copy_shared_init(deit, model))
+    for bd, bm in zip(deit.blocks, model.blocks):
+        if bm.use_gpsa:
+            C = bm.attn.dim
+            bm.attn.qk.weight.copy_(bd.attn.qkv.weight[:2 * C])   # qkv rows: [queries; keys; values]
+            n += 1
+            if copy_values:
+                bm.attn.v.weight.copy_(bd.attn.qkv.weight[2 * C:])
+                n += 1
+    return n
+
+
+def freeze_gates(model, lam):
+    """Fix lambda_h of every GPSA block at `lam` and stop training it: lam = 0 is the paper's "no gating" ablation
+    (a fixed 50/50 mix), lam = +inf makes the layer purely positional (sigma = 1: a learnable soft convolution)."""
+    for b in model.blocks:
+        if b.use_gpsa:
+            b.attn.gating_param.data.fill_(lam)
+            b.attn.gating_param.requires_grad_(False)
+
+
+# Every model the experiments train: arm -> (label, what it changes). Transformer arms start from the same seed's
+# DeiT init for every weight they share (pair_init); the CNN and the linear model share only data and batches.
+ARMS = {
+    "deit": "DeiT",
+    "convit": "ConViT",
+    "positional": "ConViT, gate frozen fully positional",
+    "frozen_gate": "ConViT, gate frozen (lambda=0)",
+    "no_conv_init": "ConViT, no conv init",
+    "frozen_gate_no_conv_init": "ConViT, frozen gate + no conv init",
+    "cnn": "small CNN",
+    "linear": "linear on pixels",
+}
+
+
+def build_arm(args, arm, num_classes, seed):
+    """The model of one arm, seeded: same seed -> same initial values for every weight the arms share."""
+    assert arm in ARMS, f"unknown arm {arm!r}: one of {list(ARMS)}"
+    torch.manual_seed(seed)
+    if arm == "cnn":
+        return SmallCNN(num_classes=num_classes, widths=tuple(args.cnn_widths))
+    if arm == "linear":
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * args.image_size ** 2, num_classes))
+    deit = build_model(args, num_classes, convit=False)
+    if arm == "deit":
+        return deit
+    local_init = "no_conv_init" not in arm
+    model = build_model(args, num_classes, convit=True, use_local_init=local_init)
+    pair_init(deit, model, copy_values=not local_init)
+    if arm == "positional":
+        freeze_gates(model, math.inf)
+    elif "frozen_gate" in arm:
+        freeze_gates(model, 0.0)
+    return model
+
+
 def full_preset_models(num_classes=10):
     """Every model the full preset trains, at its real size: name -> (model, step_fn or None, image_size).
     tests/test_utils.py runs one bf16-autocast training step of each on a CPU, so a full GPU run is known to start."""
     args = get_args([])
-    return {name: (build_model(args, num_classes, convit=convit), None, args.image_size)
-            for name, convit in (("DeiT", False), ("ConViT", True))}
+    return {ARMS[arm]: (build_arm(args, arm, num_classes, seed=0), None, args.image_size)
+            for arm in ("deit", "convit", "positional", "cnn", "linear")}  # the other arms: ConViT's architecture
 
 
 # ------------------------------------------------------------------------------------------------ data
 
-def fraction_subset(y, frac, seed):
-    """Stratified subset of a fraction of each class, nested: a smaller fraction is a subset of a larger one
-    (the same seeded order per class, cut shorter). -> sorted indices"""
+def nested_subset(y, n, seed):
+    """n images per class (the smallest class if fewer), the same seeded order per class cut shorter: a smaller size
+    is a subset of a larger one with the same seed. -> sorted indices"""
     g = torch.Generator().manual_seed(seed)
     keep = []
     for c in torch.unique(y):
         idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        keep.append(idx[:max(1, round(frac * len(idx)))])
+        keep.append(idx[torch.randperm(len(idx), generator=g)][:n])
     return torch.cat(keep).sort().values
+
+
+_DATA = {}  # the dataset, loaded once per process: {reference: utils.Data}
+
+
+def job_data(ref):
+    """Worker processes read the main process's dataset from the file `ref` (written once by main: every run then
+    trains and evaluates on exactly the same images)."""
+    if ref not in _DATA:
+        _DATA[ref] = utils.Data(**torch.load(ref))
+    return _DATA[ref]
+
+
+def share_data(data, workers):
+    """Register `data` for this process and, when runs go to worker processes, write it to a temporary file for
+    them (main removes it). -> reference"""
+    fd, ref = tempfile.mkstemp(prefix="gpsa_convit_data_", suffix=".pt")
+    os.close(fd)
+    if workers > 1:
+        torch.save({f.name: getattr(data, f.name) for f in dataclasses.fields(data)}, ref)
+    _DATA[ref] = data
+    return ref
 
 
 # ------------------------------------------------------------------------------------------------ train
 
-def train_one(args, data, device, *, frac, convit=True, use_local_init=True, freeze_gate=False, name="",
-              step_hook=None, base_epochs=None, seed=None):
-    """Train one model on `frac` of the training pool with the number of optimiser steps kept constant (epochs ~ 1/f,
-    paper Table 2) and return (model, test accuracy %, info dict)."""
-    base_epochs = base_epochs or args.base_epochs
-    seed = args.seed if seed is None else seed  # seeds the subset, the init and the batch order
-    utils.set_seed(seed)
-    idx = fraction_subset(data.y_train, frac, seed)
-    x, y = data.x_train[idx], data.y_train[idx]
-    bs = min(args.batch_size, len(x))
-    steps_full = max(1, len(data.x_train) // min(args.batch_size, len(data.x_train))) * base_epochs
-    epochs = max(1, round(steps_full / max(1, len(x) // bs)))  # same steps (= images seen) as base_epochs at f=1
-    model = build_model(args, data.num_classes, convit=convit, use_local_init=use_local_init).to(device)
-    if freeze_gate:  # ablation "no gating": lambda_h frozen at 0, a fixed 50/50 mix of content and position
-        for b in model.blocks:
-            if b.use_gpsa:
-                b.attn.gating_param.data.zero_()
-                b.attn.gating_param.requires_grad_(False)
-    loader = utils.DeviceLoader(x, y, batch_size=bs, device=device, train=True, mean=data.mean, std=data.std, seed=seed)
-    test = utils.DeviceLoader(data.x_test, data.y_test, batch_size=256, device=device, train=False, mean=data.mean, std=data.std)
-    every, seen = max(1, epochs // 4), [0]
+def eval_split(args, data):
+    """(x, y) the runs are scored on: the test set, or with --eval-split val a validation set carved from train."""
+    return (data.x_val, data.y_val) if args.eval_split == "val" else (data.x_test, data.y_test)
 
-    def log(line):  # print epoch 1, every `every`-th epoch and the last one
-        seen[0] += 1
-        if seen[0] == 1 or seen[0] % every == 0 or seen[0] == epochs:
-            print("  " + line, flush=True)
 
+def locality_tracker(model, probe, every):
+    """A training step (forward, cross-entropy, backward; utils.train's default) that first measures, every `every`
+    steps, the non-locality per layer and the gates on a fixed probe batch. Measuring runs under no_grad in eval mode
+    and draws no random numbers, so a tracked run trains exactly like an untracked one (tests)."""
+    track = {"step": [], "nonlocality": [], "gates": []}
+
+    @torch.no_grad()
+    def measure(step):
+        model.eval()
+        _, maps = model(probe, return_attention=True)
+        model.train()
+        track["step"].append(step)
+        track["nonlocality"].append([nonlocality(a, model.grid_size).mean().item() for a in maps])  # per layer
+        track["gates"].append(gates(model).tolist())  # (GPSA layers, heads)
+
+    def step_fn(model, x, y):
+        if step_fn.count % every == 0:
+            measure(step_fn.count)
+        step_fn.count += 1
+        with utils.autocast(x.device):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+        loss.backward()
+        return loss, logits
+
+    step_fn.count = 0
+    return step_fn, track, measure
+
+
+def run_job(args, ref, arm, n, seed, track=False):
+    """One training run: `arm` on n images per class drawn with `seed`, with the batches of `seed`, for the epochs
+    that keep the number of images seen constant across sizes (paper Table 2). Module-level and seeded throughout,
+    so utils.run_jobs can run it in any worker process with the same result. -> dict of numbers (+ track, state)"""
     t0 = time.time()
+    data, device = job_data(ref), utils.get_device(args.device)
+    idx = nested_subset(data.y_train, n, seed)
+    x, y = data.x_train[idx], data.y_train[idx]
+    epochs = max(1, round(args.epochs * min(args.sizes) / n))
+    model = build_arm(args, arm, data.num_classes, seed).to(device)
+    loader = utils.DeviceLoader(x, y, batch_size=args.batch_size, device=device, train=True, mean=data.mean,
+                                std=data.std, seed=seed)
+    x_ev, y_ev = eval_split(args, data)
+    evl = utils.DeviceLoader(x_ev, y_ev, batch_size=128, device=device, train=False, mean=data.mean, std=data.std)
+    step_fn = tracked = None
+    if track:
+        probe = next(iter(utils.DeviceLoader(x_ev[:128], y_ev[:128], batch_size=128, device=device, train=False,
+                                             mean=data.mean, std=data.std)))[0]
+        step_fn, tracked, measure = locality_tracker(model, probe, max(1, epochs * len(loader) // args.snapshots))
     hist = utils.train(model, loader, epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
-                warmup_epochs=args.warmup_epochs * epochs / base_epochs, label_smoothing=0.1, grad_clip=1.0,
-                step_fn=step_hook, log=log, name=name)
-    acc = utils.evaluate(model, test).acc
-    info = {"train_images": len(x), "epochs": epochs, "steps": epochs * len(loader), "test_acc": acc,
-            "train_acc": hist[-1]["train_acc"],  # last epoch, on augmented batches: how well it fits its images
-            "params": utils.count_params(model), "train_s": round(time.time() - t0, 1)}
-    print(f"  {name}-> test {acc:.1f}% ({len(x)} images, {epochs} epochs, {info['steps']} steps, {info['train_s']}s)", flush=True)
-    return model, acc, info
+                       warmup_epochs=args.warmup_frac * epochs, label_smoothing=0.1, grad_clip=1.0, step_fn=step_fn,
+                       log=lambda line: None)
+    if track:
+        measure(step_fn.count)
+    score = utils.evaluate(model, evl)
+    res = {"arm": arm, "n": n, "seed": seed, "acc": score.acc, "nll": score.nll, "train_acc": hist[-1]["train_acc"],
+           "images": len(x), "epochs": epochs, "steps": epochs * len(loader), "params": utils.count_params(model),
+           "seconds": round(time.time() - t0, 1)}
+    print(f"  [{ARMS[arm]}, {n}/class, seed {seed}] {args.eval_split} {score.acc:.1f}% nll {score.nll:.3f} | train "
+          f"{res['train_acc']:.1f}% | {res['steps']} steps, {res['seconds']:.0f}s", flush=True)
+    if track:
+        res["track"] = tracked
+        res["state"] = {k: v.cpu() for k, v in model.state_dict().items()}
+    return res
+
+
+class Runs:
+    """The training runs of one invocation, by (arm, n, seed). Experiments ask for the runs they need and share the
+    ones another experiment already trained (the ablation reuses the sample experiment's ConViT and DeiT runs).
+    Missing runs are trained in one batch by utils.run_jobs (--workers processes), longest first."""
+
+    def __init__(self, args, ref):
+        self.args, self.ref, self.done = args, ref, {}
+
+    def tracked(self, arm, n, seed):  # the runs whose locality is tracked and whose weights the maps use
+        return arm in ("deit", "convit") and n == min(self.args.sizes) and seed == self.args.seed
+
+    def get(self, keys):
+        todo = [k for k in dict.fromkeys(keys) if k not in self.done]
+        todo.sort(key=lambda k: (k[0] in ("cnn", "linear"), k[0] == "linear"))  # stable: transformers first
+        if todo:
+            print(f"  training {len(todo)} runs on {min(self.args.workers, len(todo))} worker(s) ...", flush=True)
+            jobs = [(self.args, self.ref, *k, self.tracked(*k)) for k in todo]
+            self.done.update(zip(todo, utils.run_jobs(run_job, jobs, workers=self.args.workers)))
+        return [self.done[k] for k in keys]
 
 
 # ------------------------------------------------------------------------------------------------ experiments
+
+def seeds(args, k=None):
+    return [args.seed + i for i in range(k or args.seeds)]
+
+
+def ci_text(runs, key, digits=1):
+    m, lo, hi = utils.mean_ci([r[key] for r in runs])
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if len(runs) > 1 else f"{m:.{digits}f}"
+
+
+def verdicts(a, b, name_a, name_b):
+    """The paired verdicts of arm A against arm B over the same seeds: accuracy (points) and NLL (nats)."""
+    return {"acc": utils.compare_paired([r["acc"] for r in a], [r["acc"] for r in b], name_a=name_a, name_b=name_b,
+                                        log=lambda s: print("    accuracy: " + s, flush=True)),
+            "nll": utils.compare_paired([r["nll"] for r in a], [r["nll"] for r in b], name_a=name_a, name_b=name_b,
+                                        unit="nats", digits=3, higher_is_better=False, bound=0.02,
+                                        log=lambda s: print("    NLL:      " + s, flush=True))}
+
 
 def print_table(header, rows):
     w = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
@@ -425,205 +672,250 @@ def print_table(header, rows):
         print("  " + " | ".join(str(c).rjust(w[i]) for i, c in enumerate(r)), flush=True)
 
 
-def exp_sample(args, data, device, out):
-    """Paper Table 2: accuracy vs training fraction for ConViT and DeiT, constant images seen."""
-    print(f"\n== sample efficiency: fractions {args.fractions} of {len(data.x_train)} images ==", flush=True)
-    rows = []
-    for f in args.fractions:
-        seeds = [args.seed + i for i in range(args.low_seeds if f == min(args.fractions) else 1)]
-        r = {"fraction": f, "seeds": seeds}
-        for kind in ("deit", "convit"):
-            accs, fits = [], []
-            for s in seeds:
-                _, acc, info = train_one(args, data, device, frac=f, convit=kind == "convit", seed=s,
-                                         name=f"{kind} f={f} seed={s} ")
-                accs.append(acc), fits.append(info["train_acc"])
-            r[kind], r[kind + "_per_seed"] = sum(accs) / len(accs), accs   # test % (mean over seeds)
-            r[kind + "_train"] = sum(fits) / len(fits)                      # train % of the last epoch (mean)
-            r["train_images"], r["epochs"], r["steps"] = info["train_images"], info["epochs"], info["steps"]
-        r["gain_per_seed"] = [c - d for c, d in zip(r["convit_per_seed"], r["deit_per_seed"])]
-        rows.append(r)
-    print_table(["fraction", "images", "epochs", "steps", "seeds", "DeiT train/test %", "ConViT train/test %", "gain",
-                 "gain per seed"],
-                [[r["fraction"], r["train_images"], r["epochs"], r["steps"], len(r["seeds"]),
-                  f"{r['deit_train']:.1f} / {r['deit']:.1f}", f"{r['convit_train']:.1f} / {r['convit']:.1f}",
-                  f"{r['convit'] - r['deit']:+.1f}", " ".join(f"{g:+.1f}" for g in r["gain_per_seed"])] for r in rows])
+def plot(path, draw, figsize):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind, lab in (("deit", "DeiT"), ("convit", "ConViT")):
-        line, = ax.plot([r["fraction"] for r in rows], [r[kind] for r in rows], "o-", label=lab + " (mean)")
-        ax.plot([r["fraction"] for r in rows for _ in r["seeds"]], [a for r in rows for a in r[kind + "_per_seed"]],
-                "x", color=line.get_color(), alpha=0.6)  # one cross per seed
-    ax.set(xscale="log", xlabel="fraction of training set (epochs x 1/f)", ylabel="test accuracy %",
-           title="Sample efficiency (paper Table 2)")
-    ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(out, "sample.png"), dpi=120), plt.close(fig)
-    return {"rows": rows}
+    fig = plt.figure(figsize=figsize)
+    draw(fig, plt)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def exp_ablation(args, data, device, out):
-    """Paper Table 3 at one low-data fraction."""
-    f = args.ablation_fraction
-    print(f"\n== ablation at fraction {f} ==", flush=True)
-    variants = [("ConViT (gated, conv init)", dict()), ("frozen gate lambda=0", dict(freeze_gate=True)),
-                ("no conv init", dict(use_local_init=False)), ("frozen gate + no conv init", dict(freeze_gate=True, use_local_init=False)),
-                ("DeiT", dict(convit=False))]
-    rows = []
-    for label, kw in variants:
-        _, acc, info = train_one(args, data, device, frac=f, name=f"[{label}] ", **kw)
-        rows.append({"variant": label, "test_acc": acc,
-                     **{k: info[k] for k in ("train_acc", "train_images", "epochs", "steps", "params")}})
-    print_table(["variant", "train %", "test %"], [[r["variant"], f"{r['train_acc']:.1f}", f"{r['test_acc']:.1f}"] for r in rows])
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.barh([r["variant"] for r in rows][::-1], [r["test_acc"] for r in rows][::-1], color="tab:blue")
-    ax.set(xlabel="test accuracy %", title=f"Ablation at {f:.0%} of the training pool (paper Table 3)")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "ablation.png"), dpi=120), plt.close(fig)
-    return {"fraction": f, "rows": rows}
+def per_seed(rs):
+    return [{k: r[k] for k in ("seed", "acc", "nll", "train_acc")} for r in rs]
 
 
-def train_tracked(args, data, device):
-    """Train ConViT and DeiT on the whole pool, measuring non-locality per layer (and the gates) `snapshots` times
-    on a fixed batch of 128 test images (analysis only, nothing is selected on it)."""
-    probe = (data.x_test[:128].float() - torch.tensor(data.mean).view(1, 3, 1, 1) * 255) / (torch.tensor(data.std).view(1, 3, 1, 1) * 255)
-    probe = probe.to(device)
-    tracks, models = {}, {}
-    for kind in ("convit", "deit"):
-        steps_total = (len(data.x_train) // min(args.batch_size, len(data.x_train))) * args.track_epochs
-        every = max(1, steps_total // args.snapshots)
-        track = {"step": [], "nonlocality": [], "gates": []}
-
-        @torch.no_grad()
-        def measure(model, step):
-            model.eval()
-            _, maps = model(probe, return_attention=True)
-            model.train()
-            track["step"].append(step)
-            track["nonlocality"].append([nonlocality(a, model.grid_size).mean().item() for a in maps])  # per layer
-            track["gates"].append(gates(model).tolist())  # (layers, heads)
-
-        counter = [0]
-
-        def step_fn(model, x, y):  # the default step (forward, CE, backward) + a measurement every `every` steps
-            if counter[0] % every == 0:
-                measure(model, counter[0])
-            counter[0] += 1
-            with utils.autocast(x.device):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
-            loss.backward()
-            return loss, logits
-
-        model, acc, info = train_one(args, data, device, frac=1.0, convit=kind == "convit", name=f"{kind} ",
-                                     step_hook=step_fn, base_epochs=args.track_epochs)
-        measure(model, counter[0])
-        tracks[kind], models[kind] = {**track, "test_acc": acc}, model
-    return tracks, models
+NEEDS = {  # experiment -> the runs (arm, images per class, seed) it reads
+    "sample": lambda a: [(arm, n, s) for n in a.sizes for s in seeds(a) for arm in ("deit", "convit")],
+    "controls": lambda a: [(arm, min(a.sizes), s) for s in seeds(a, a.control_seeds)
+                           for arm in ("deit", "convit", "positional", "cnn", "linear")],
+    "ablation": lambda a: [(arm, min(a.sizes), s) for s in seeds(a, a.ablation_seeds)
+                           for arm in ("deit", "convit", "frozen_gate", "no_conv_init", "frozen_gate_no_conv_init")],
+    "locality": lambda a: [(arm, min(a.sizes), a.seed) for arm in ("deit", "convit")],
+    "maps": lambda a: [(arm, min(a.sizes), a.seed) for arm in ("deit", "convit")],
+}
+EXPERIMENTS = tuple(NEEDS)
 
 
-def exp_locality(args, data, device, out, trained):
-    print("\n== locality: non-locality per layer (Fig. 5) and gates per head (Fig. 6) over training ==", flush=True)
-    tracks, _ = trained
+def exp_sample(args, runs, data, out):
+    """Paper Table 2: ConViT vs DeiT at each training-set size, the same number of images seen, paired seeds."""
+    print(f"\n== sample efficiency: ConViT vs DeiT at {args.sizes} images per class, {args.seeds} paired seeds, "
+          f"scored on {args.eval_split} ==", flush=True)
+    res, rows = {"sizes": []}, []
+    for n in args.sizes:
+        d, c = (runs.get([(arm, n, s) for s in seeds(args)]) for arm in ("deit", "convit"))
+        print(f"  {n} images per class ({d[0]['images']} images, {d[0]['epochs']} epochs, {d[0]['steps']} steps):")
+        res["sizes"].append({"n": n, "images": d[0]["images"], "epochs": d[0]["epochs"], "steps": d[0]["steps"],
+                             "deit": per_seed(d), "convit": per_seed(c), "verdict": verdicts(c, d, "ConViT", "DeiT")})
+        rows.append([n, d[0]["epochs"], d[0]["steps"], ci_text(d, "acc"), ci_text(c, "acc"), ci_text(d, "nll", 3),
+                     ci_text(c, "nll", 3), f"{ci_text(d, 'train_acc')} / {ci_text(c, 'train_acc')}"])
+    print(f"  mean [95% CI] over {args.seeds} seeds, {args.eval_split} set of {len(eval_split(args, data)[1])} images:")
+    print_table(["img/class", "epochs", "steps", "DeiT %", "ConViT %", "DeiT NLL", "ConViT NLL", "train % DeiT / ConViT"], rows)
+    if len(args.sizes) > 1:  # does the gain shrink as the data grows (paper Table 2)?
+        lo, hi = res["sizes"][0], res["sizes"][-1]
+        gain = lambda s: [c["acc"] - d["acc"] for c, d in zip(s["convit"], s["deit"])]
+        print("  does the gain shrink with more data? (same seeds: paired)")
+        res["gain_shrinks"] = utils.compare_paired(gain(lo), gain(hi), name_a=f"gain at {lo['n']}/class",
+                                                   name_b=f"gain at {hi['n']}/class",
+                                                   log=lambda s: print("    accuracy: " + s, flush=True))
+
+    def draw(fig, plt):
+        ax = fig.add_subplot(111)
+        for kind, label in (("deit", "DeiT"), ("convit", "ConViT")):
+            ms = [utils.mean_ci([r["acc"] for r in s[kind]]) for s in res["sizes"]]
+            ax.errorbar(args.sizes, [m[0] for m in ms], yerr=[[m[0] - m[1] for m in ms], [m[2] - m[0] for m in ms]],
+                        fmt="o-", capsize=4, label=f"{label} (mean, 95% CI)")
+        ax.set(xscale="log", xlabel="training images per class (same images seen)", ylabel=f"{args.eval_split} accuracy %",
+               title="Sample efficiency (paper Table 2)")
+        ax.legend()
+    plot(os.path.join(out, "sample.png"), draw, (5, 3.5))
+    return res
+
+
+def exp_controls(args, runs, data, out):
+    """Controls at the low-data size: is locality worth anything at this budget (CNN), and what does GPSA's positional
+    half do alone (gate frozen at sigma = 1)? The linear model on pixels shows what needs no representation at all."""
+    n, k = min(args.sizes), args.control_seeds
+    print(f"\n== controls at {n} images per class, {k} paired seeds ==", flush=True)
+    arms = ("linear", "cnn", "deit", "positional", "convit")
+    r = {arm: runs.get([(arm, n, s) for s in seeds(args, k)]) for arm in arms}
+    print_table(["model", "params", f"{args.eval_split} % [95% CI]", "NLL", "train %"],
+                [[ARMS[a], r[a][0]["params"], ci_text(r[a], "acc"), ci_text(r[a], "nll", 3), ci_text(r[a], "train_acc")]
+                 for a in arms])
+    res = {"n": n, "arms": {a: per_seed(r[a]) for a in arms}, "params": {a: r[a][0]["params"] for a in arms}, "verdicts": {}}
+    for a, b in (("deit", "linear"), ("cnn", "deit"), ("positional", "deit"), ("convit", "positional")):
+        print(f"  {ARMS[a]} vs {ARMS[b]}:")
+        res["verdicts"][f"{a}-{b}"] = verdicts(r[a], r[b], ARMS[a], ARMS[b])
+    return res
+
+
+def exp_ablation(args, runs, data, out):
+    """Paper Table 3 at the low-data size: which of the learned gate and the conv init carries ConViT's gain?"""
+    n, k = min(args.sizes), args.ablation_seeds
+    print(f"\n== ablation (paper Table 3) at {n} images per class, {k} paired seeds ==", flush=True)
+    variants = (("convit", "yes", "yes"), ("frozen_gate", "no (lambda=0)", "yes"), ("no_conv_init", "yes", "no"),
+                ("frozen_gate_no_conv_init", "no (lambda=0)", "no"), ("deit", "-", "-"))
+    r = {v: runs.get([(v, n, s) for s in seeds(args, k)]) for v, _, _ in variants}
+    diff = lambda a, b: ci_text([{"d": x["acc"] - y["acc"]} for x, y in zip(r[a], r[b])], "d")
+    print_table(["variant", "train gating", "conv init", f"{args.eval_split} % [95% CI]", "NLL", "- DeiT", "- ConViT"],
+                [[ARMS[v], g, c, ci_text(r[v], "acc"), ci_text(r[v], "nll", 3), diff(v, "deit") if v != "deit" else "",
+                  diff(v, "convit") if v != "convit" else ""] for v, g, c in variants])
+    res = {"n": n, "variants": {v: per_seed(r[v]) for v, _, _ in variants}, "verdicts": {}}
+    for v, _, _ in variants[1:-1]:
+        print(f"  {ARMS[v]} vs ConViT:")
+        res["verdicts"][f"{v}-convit"] = verdicts(r[v], r["convit"], ARMS[v], "ConViT")
+    for v, _, _ in variants[:-1]:
+        print(f"  {ARMS[v]} vs DeiT:")
+        res["verdicts"][f"{v}-deit"] = verdicts(r[v], r["deit"], ARMS[v], "DeiT")
+
+    def draw(fig, plt):
+        ax = fig.add_subplot(111)
+        ms = [utils.mean_ci([x["acc"] for x in r[v]]) for v, _, _ in variants][::-1]
+        ax.barh([ARMS[v] for v, _, _ in variants][::-1], [m[0] for m in ms], color="tab:blue",
+                xerr=[[m[0] - m[1] for m in ms], [m[2] - m[0] for m in ms]], capsize=4)
+        ax.set(xlabel=f"{args.eval_split} accuracy % (mean, 95% CI, {k} seeds)", title=f"Ablation at {n} images per class (paper Table 3)")
+    plot(os.path.join(out, "ablation.png"), draw, (7, 3))
+    return res
+
+
+def exp_locality(args, runs, data, out):
+    """Paper Fig. 5-6: non-locality per layer over training for ConViT and DeiT, and the gates sigma(lambda_h)."""
+    print(f"\n== locality: non-locality per layer (Fig. 5) and gates per head (Fig. 6) over training "
+          f"(seed {args.seed}, {min(args.sizes)} images per class) ==", flush=True)
+    tracks = {arm: r["track"] for arm, r in zip(("deit", "convit"), runs.get(NEEDS["locality"](args)))}
     L, nl = args.depth, args.local_up_to_layer
-    rows = []
-    for l in range(L):
-        kind = "GPSA" if l < nl else "MHSA"
-        rows.append([l + 1, kind] + [f"{tracks[k]['nonlocality'][i][l]:.2f}" for k in ("deit", "convit") for i in (0, -1)])
-    print_table(["layer", "ConViT type", "DeiT start", "DeiT end", "ConViT start", "ConViT end"], rows)
+    print_table(["layer", "ConViT type", "DeiT start", "DeiT end", "ConViT start", "ConViT end"],
+                [[l + 1, "GPSA" if l < nl else "MHSA"] + [f"{tracks[k]['nonlocality'][i][l]:.2f}"
+                                                          for k in ("deit", "convit") for i in (0, -1)] for l in range(L)])
     g = tracks["convit"]["gates"]
     if nl:
-        print("  gate sigma(lambda_h) at the end (rows: GPSA layer, columns: head; 1 = positional):")
+        print("  gate sigma(lambda_h) at the end (rows: GPSA layer, columns: head; 1 = positional, start 0.73):")
         for l, row in enumerate(g[-1]):
             print(f"    layer {l + 1}: " + " ".join(f"{v:.2f}" for v in row))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[1].sharey(axes[0])  # same scale, so DeiT's and ConViT's non-locality compare at a glance
-    cmap = plt.get_cmap("viridis")
-    for ax, k in zip(axes[:2], ("deit", "convit")):
-        t = torch.tensor(tracks[k]["nonlocality"])  # (snapshots, L)
-        for l in range(L):
-            ax.plot(tracks[k]["step"], t[:, l], color=cmap(l / max(1, L - 1)), label=f"layer {l + 1}")
-        ax.set(xlabel="optimiser step", ylabel="non-locality (patches)", title=f"{k} ({tracks[k]['test_acc']:.1f}%)")
-    axes[1].legend(fontsize=7)
-    if nl:
-        gt = torch.tensor(g)  # (snapshots, nl, h)
+
+    def draw(fig, plt):
+        axes = fig.subplots(1, 3)
+        axes[1].sharey(axes[0])  # same scale, so DeiT's and ConViT's non-locality compare at a glance
+        cmap = plt.get_cmap("viridis")
+        for ax, k in zip(axes[:2], ("deit", "convit")):
+            t = torch.tensor(tracks[k]["nonlocality"])  # (snapshots, L)
+            for l in range(L):
+                ax.plot(tracks[k]["step"], t[:, l], color=cmap(l / max(1, L - 1)), label=f"layer {l + 1}")
+            ax.set(xlabel="optimiser step", ylabel="non-locality (patches)", title=ARMS[k])
+        axes[1].legend(fontsize=7)
         for l in range(nl):
-            for h in range(gt.shape[2]):
-                axes[2].plot(tracks["convit"]["step"], gt[:, l, h], color=cmap(l / max(1, nl - 1)), alpha=0.8,
+            gt = torch.tensor(g)[:, l]  # (snapshots, h)
+            for h in range(gt.shape[1]):
+                axes[2].plot(tracks["convit"]["step"], gt[:, h], color=cmap(l / max(1, nl - 1)), alpha=0.8,
                              label=f"layer {l + 1}" if h == 0 else None)
         axes[2].legend(fontsize=7)
-    axes[2].set(xlabel="optimiser step", ylabel="sigma(lambda_h)", title="ConViT gates, one line per head")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "locality.png"), dpi=120), plt.close(fig)
+        axes[2].set(xlabel="optimiser step", ylabel="sigma(lambda_h)", title="ConViT gates, one line per head")
+    plot(os.path.join(out, "locality.png"), draw, (13, 3.6))
     return {"deit": tracks["deit"], "convit": tracks["convit"], "gpsa_layers": nl}
 
 
-def exp_maps(args, data, device, out, trained):
-    """Fig. 7: attention of one query patch (the centre of the grid) in the first and the last block."""
+def exp_maps(args, runs, data, out):
+    """Paper Fig. 7: attention of one query patch (the centre of the grid) in the first and a late block."""
     print("\n== attention maps of a query patch, early vs late layer ==", flush=True)
-    _, models = trained
+    models = {}
+    for arm, r in zip(("deit", "convit"), runs.get(NEEDS["maps"](args))):
+        models[arm] = build_arm(args, arm, data.num_classes, r["seed"]).eval()
+        models[arm].load_state_dict(r["state"])
     G = models["convit"].grid_size
     q = (G // 2) * G + G // 2  # query patch at the grid centre, raster index
     img = data.x_test[:1]
-    x = ((img.float() - torch.tensor(data.mean).view(1, 3, 1, 1) * 255) / (torch.tensor(data.std).view(1, 3, 1, 1) * 255)).to(device)
+    x = (img.float() - torch.tensor(data.mean).view(1, 3, 1, 1) * 255) / (torch.tensor(data.std).view(1, 3, 1, 1) * 255)
     layers = [0, args.local_up_to_layer - 1 if args.local_up_to_layer > 1 else args.depth - 1]
     maps, rows = {}, []
     for k, m in models.items():
-        m.eval()
         with torch.no_grad():
             _, att = m(x, return_attention=True)
-        maps[k] = {l: att[l][0, :, q].reshape(-1, G, G).cpu() for l in layers}  # (h, G, G)
-        for l in layers:
-            a = att[l][0:1]
-            d = nonlocality(a, G)  # (h,)
-            rows.append([k, l + 1, " ".join(f"{v:.2f}" for v in d.tolist()),
-                         " ".join(f"{v:.2f}" for v in maps[k][l].flatten(1).max(1).values.tolist())])
+        maps[k] = {l: att[l][0, :, q].reshape(-1, G, G) for l in layers}  # (h, G, G)
+        rows += [[ARMS[k], l + 1, " ".join(f"{v:.2f}" for v in nonlocality(att[l], G).tolist()),
+                  " ".join(f"{v:.2f}" for v in maps[k][l].flatten(1).max(1).values.tolist())] for l in layers]
     print_table(["model", "layer", "non-locality per head", "max attention of the query per head"], rows)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    h = args.num_heads
-    fig, axes = plt.subplots(4, h + 1, figsize=(1.8 * (h + 1), 7.4), squeeze=False)
-    for r, (k, l) in enumerate([(k, l) for k in ("convit", "deit") for l in layers]):
-        axes[r, 0].imshow(img[0].permute(1, 2, 0).numpy())
-        axes[r, 0].add_patch(plt.Rectangle(((q % G) * args.patch_size - .5, (q // G) * args.patch_size - .5),
-                                           args.patch_size, args.patch_size, fill=False, color="red"))
-        axes[r, 0].set_title(f"{k} layer {l + 1}", fontsize=8)
-        for hh in range(h):
-            axes[r, hh + 1].imshow(maps[k][l][hh].numpy(), cmap="magma")
-            axes[r, hh + 1].plot(q % G, q // G, "c+")
-            axes[r, hh + 1].set_title(f"head {hh + 1}", fontsize=8)
-    for a in axes.flat:
-        a.axis("off")
-    fig.tight_layout(), fig.savefig(os.path.join(out, "maps.png"), dpi=120), plt.close(fig)
+
+    def draw(fig, plt):
+        h = args.num_heads
+        axes = fig.subplots(4, h + 1, squeeze=False)
+        for r, (k, l) in enumerate([(k, l) for k in ("convit", "deit") for l in layers]):
+            axes[r, 0].imshow(img[0].permute(1, 2, 0).numpy())
+            axes[r, 0].add_patch(plt.Rectangle(((q % G) * args.patch_size - .5, (q // G) * args.patch_size - .5),
+                                               args.patch_size, args.patch_size, fill=False, color="red"))
+            axes[r, 0].set_title(f"{ARMS[k]} layer {l + 1}", fontsize=8)
+            for hh in range(h):
+                axes[r, hh + 1].imshow(maps[k][l][hh].numpy(), cmap="magma")
+                axes[r, hh + 1].plot(q % G, q // G, "c+")
+                axes[r, hh + 1].set_title(f"head {hh + 1}", fontsize=8)
+        for a in axes.flat:
+            a.axis("off")
+    plot(os.path.join(out, "maps.png"), draw, (1.8 * (args.num_heads + 1), 7.4))
     return {"query_patch": q, "layers": [l + 1 for l in layers], "rows": rows,
             "maps": {k: {str(l + 1): v.tolist() for l, v in mk.items()} for k, mk in maps.items()}}
 
 
+EXPERIMENT_FNS = {"sample": exp_sample, "controls": exp_controls, "ablation": exp_ablation, "locality": exp_locality,
+                  "maps": exp_maps}
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+def set_fast(model, fast):
+    """Switch every attention layer between the fast path (True) and the explicit eq. 7-8 form (False)."""
+    for m in model.modules():
+        if isinstance(m, (GPSA, MHSA)):
+            m.fast = fast
+    return model
+
+
+def time_layer(layers, x, *, rounds, steps):
+    """Median ms of one forward + backward of each layer on x, the layers interleaved round by round so that a
+    passing load on the machine hits them alike."""
+    times = {k: [] for k in layers}
+    for _ in range(rounds):
+        for k, f in layers.items():
+            f(x).sum().backward()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                f(x).sum().backward()
+            times[k].append((time.perf_counter() - t0) / steps * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def bench(args, device):
-    """Train-step throughput (forward + backward) of ConViT vs DeiT of the same size: the price of GPSA."""
-    rows, out = [], {}
-    for size, cfg in (("quick", PRESETS["quick"]), ("Ti (full)", PRESETS["full"])):
-        ns = argparse.Namespace(**{**vars(args), **{k: v for k, v in cfg.items() if k in
-                                                    ("embed_dim", "depth", "num_heads", "local_up_to_layer", "patch_size", "mlp_ratio")}})
-        r = {}
-        for kind in ("deit", "convit"):
+    """GPSA's fast path vs the explicit eq. 7-8 form, fwd + bwd at batch 128: one layer alone, and a whole training
+    step (forward + backward) of ConViT and DeiT with every attention layer in either form."""
+    out, rows = {}, []
+    sizes = (("quick", PRESETS["quick"]), ("quick, patch 4", {**PRESETS["quick"], "patch_size": 4}),
+             ("ConViT-Ti", PRESETS["full"]))  # quick with patch 4: the size the fast path was asked for (64 tokens)
+    for size, cfg in sizes:
+        C, h, N = cfg["embed_dim"], cfg["num_heads"], (args.image_size // cfg["patch_size"]) ** 2
+        torch.manual_seed(0)
+        layer = GPSA(C, num_heads=h).to(device)
+        x = torch.randn(128, N, C, device=device, requires_grad=True)
+        err = (layer(x) - layer.forward_explicit(x)).abs().max().item()
+        ms = time_layer({"explicit": layer.forward_explicit, "fast": layer.forward}, x, rounds=7, steps=3)
+        r = {"gpsa_ms": ms, "gpsa_speedup": ms["explicit"] / ms["fast"], "max_abs_diff": err}
+        ns = argparse.Namespace(**{**vars(args), **{k: cfg[k] for k in ("embed_dim", "depth", "num_heads",
+                                                                       "local_up_to_layer", "patch_size", "mlp_ratio")}})
+        for kind in ("convit", "deit"):
             utils.set_seed(0)
             m = build_model(ns, 10, convit=kind == "convit").to(device)
-            img_s, mem = utils.measure_step(m, (3, args.image_size, args.image_size), batch_size=128, device=device,
-                                            steps=3, warmup=1)
-            r[kind] = {"img_per_s": img_s, "act_MB": mem, "params": utils.count_params(m),
-                       "gflops": utils.count_flops(m, (3, args.image_size, args.image_size), device) / 1e9}
-            print(f"  {size:10s} {kind:6s} {img_s:8.1f} img/s  {mem:7.1f} MB  {r[kind]['params'] / 1e6:.2f} M params  "
-                  f"{r[kind]['gflops']:.3f} GFLOPs/img", flush=True)
-        r["convit_over_deit"] = r["convit"]["img_per_s"] / r["deit"]["img_per_s"]
-        rows.append([size, f"{r['deit']['img_per_s']:.0f}", f"{r['convit']['img_per_s']:.0f}", f"{r['convit_over_deit']:.2f}"])
+            for form, fast in (("explicit", False), ("fast", True)):
+                r[f"{kind}_{form}_img_s"] = utils.measure_step(set_fast(m, fast), (3, args.image_size, args.image_size),
+                                                               batch_size=128, device=device, steps=2, warmup=1)[0]
         out[size] = r
-    print_table(["size", "DeiT img/s", "ConViT img/s", "ConViT/DeiT"], rows)
+        print(f"  {size}: GPSA layer (C={C}, h={h}, N={N}) explicit {ms['explicit']:.1f} ms, fast {ms['fast']:.1f} ms "
+              f"-> {r['gpsa_speedup']:.2f}x (max |diff| {err:.1e}); train step img/s explicit -> fast: ConViT "
+              f"{r['convit_explicit_img_s']:.0f} -> {r['convit_fast_img_s']:.0f}, DeiT {r['deit_explicit_img_s']:.0f} "
+              f"-> {r['deit_fast_img_s']:.0f}", flush=True)
+        rows.append([size, f"{ms['explicit']:.1f}", f"{ms['fast']:.1f}", f"{r['gpsa_speedup']:.2f}x",
+                     f"{r['convit_explicit_img_s']:.0f} -> {r['convit_fast_img_s']:.0f}",
+                     f"{r['deit_explicit_img_s']:.0f} -> {r['deit_fast_img_s']:.0f}",
+                     f"{r['convit_fast_img_s'] / r['deit_fast_img_s']:.2f}"])
+    print_table(["size", "GPSA explicit ms", "GPSA fast ms", "speed-up", "ConViT img/s", "DeiT img/s", "ConViT/DeiT"], rows)
     return out
 
 
@@ -631,35 +923,32 @@ def bench(args, device):
 
 def main(argv=None):
     args = get_args(argv)
-    print(utils.reproduce_command(), flush=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = utils.get_device(args.device)
-    out = args.out or os.path.join("runs", "03_gpsa_convit")
-    os.makedirs(out, exist_ok=True)
-    config = {k: v for k, v in vars(args).items()}
+    device, out = utils.start(args, "03_gpsa_convit")
     if args.bench:
-        print(f"== bench: train step (fwd+bwd) at batch 128 on {device} ==", flush=True)
+        print(f"== bench: GPSA fast path vs explicit eq. 7-8, fwd+bwd at batch 128 on {device} "
+              f"({torch.get_num_threads()} thread(s)) ==", flush=True)
         res = bench(args, device)
-        utils.save_results(os.path.join(out, "bench.json"), config, res)
+        utils.save_results(os.path.join(out, "bench.json"), vars(args), res)
         return res
     data = utils.data_from_args(args)
-    print(f"data: {len(data.x_train)} train / {len(data.x_test)} test images, {data.num_classes} classes, "
-          f"device {device}, model C={args.embed_dim} L={args.depth} h={args.num_heads} GPSA blocks={args.local_up_to_layer}", flush=True)
+    fit_sizes(args, data)
+    print(f"data: pool of {len(data.x_train)} train images, {len(eval_split(args, data)[1])} {args.eval_split} images, "
+          f"{data.num_classes} classes; model C={args.embed_dim} L={args.depth} h={args.num_heads} "
+          f"GPSA blocks={args.local_up_to_layer}; device {device}, {args.workers} worker(s)", flush=True)
     todo = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
-    results, trained = {}, None
-    for name in todo:
-        t0 = time.time()
-        if name in ("locality", "maps") and trained is None:
-            trained = train_tracked(args, data, device)  # shared by both experiments
-        fn = {"sample": lambda: exp_sample(args, data, device, out), "ablation": lambda: exp_ablation(args, data, device, out),
-              "locality": lambda: exp_locality(args, data, device, out, trained),
-              "maps": lambda: exp_maps(args, data, device, out, trained)}[name]
-        results[name] = fn()
-        results[name]["wall_s"] = round(time.time() - t0, 1)
-        utils.save_results(os.path.join(out, f"{name}.json"), config, results[name])
-        print(f"== {name} done in {results[name]['wall_s']:.0f}s -> {out}/{name}.json, {out}/{name}.png ==", flush=True)
-    utils.save_results(os.path.join(out, "results.json"), config, results)
+    ref, results, t0 = share_data(data, args.workers), {}, time.time()
+    try:
+        runs = Runs(args, ref)
+        runs.get([k for name in todo for k in NEEDS[name](args)])  # one batch, so that every worker stays busy
+        for name in todo:
+            results[name] = EXPERIMENT_FNS[name](args, runs, data, out)
+            results[name]["train_core_s"] = round(sum(r["seconds"] for r in runs.get(NEEDS[name](args))), 1)
+            utils.save_results(os.path.join(out, f"{name}.json"), vars(args), results[name])
+    finally:
+        os.remove(ref)
+        _DATA.pop(ref)
+    print(f"\n== {', '.join(todo)} done in {time.time() - t0:.0f}s -> {out}/*.json, *.png ==", flush=True)
+    utils.save_results(os.path.join(out, "results.json"), vars(args), results)
     return results
 
 
