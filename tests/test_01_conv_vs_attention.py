@@ -336,10 +336,12 @@ def where_task(n, *, size=8, seed=0):
     return x, y
 
 
-def where_accuracy(layer, *, seed, steps=250, dim=16):
-    """Train 1x1 embedding -> layer -> ReLU -> global mean -> linear on the where task; held-out accuracy %."""
+def where_accuracy(make_layer, *, seed, steps=250, dim=16):
+    """Train 1x1 embedding -> make_layer() -> ReLU -> global mean -> linear on the where task from `seed`;
+    held-out accuracy %."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(2, dim, 1), layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, 4))
+    model = nn.Sequential(nn.Conv2d(2, dim, 1), make_layer(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(dim, 4))
     (xtr, ytr), (xte, yte) = where_task(4096, seed=1), where_task(1000, seed=2)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     g = torch.Generator().manual_seed(seed)
@@ -356,7 +358,7 @@ def test_axial_attention_learns_where_a_pattern_is():
     """The axial fix, tested: with Axial-DeepLab's batch-normed positional terms the layer solves the direction task
     from every seed tried. The attention of this file before the fix (q.r / sqrt(d) only, no norms) reached
     50-96% on the same seeds and schedule, i.e. it often never learned to use position."""
-    accs = [where_accuracy(m.AxialAttention2d(16, num_heads=2, max_size=8), seed=s) for s in range(2)]
+    accs = [where_accuracy(lambda: m.AxialAttention2d(16, num_heads=2, max_size=8), seed=s) for s in range(2)]
     print("axial attention on the where task:", accs)
     assert min(accs) > 95.0, accs
 
@@ -364,12 +366,14 @@ def test_axial_attention_learns_where_a_pattern_is():
 def test_where_task_needs_positions():
     """Control: the same axial layer with its relative tables zeroed and frozen (content attention only) cannot solve
     the task, so passing it really requires working positional terms."""
-    layer = m.AxialAttention2d(16, num_heads=2, max_size=8)
-    for t in (layer.height, layer.width):
-        for name in ("rel_q", "rel_k", "rel_v"):
-            getattr(t, name).data.zero_()
-            getattr(t, name).requires_grad_(False)
-    acc = where_accuracy(layer, seed=0)
+    def content_only():
+        layer = m.AxialAttention2d(16, num_heads=2, max_size=8)
+        for t in (layer.height, layer.width):
+            for name in ("rel_q", "rel_k", "rel_v"):
+                getattr(t, name).data.zero_()
+                getattr(t, name).requires_grad_(False)
+        return layer
+    acc = where_accuracy(content_only, seed=0)
     print("content-only axial attention on the where task:", acc)
     assert acc < 65.0, acc
 
@@ -489,6 +493,15 @@ def test_main_end_to_end_on_tiny_gray_folder(tiny_gray_folder, tmp_path, capsys)
     conv0 = next(r for r in runs if r["arm"] == "all-conv" and r["per_class"] == 10 and r["seed"] == 0)
     assert swap["test_acc_conv"] == conv0["acc"]                      # the rebuilt model is the trained one
     assert os.path.getsize(out / "attention_maps.png") > 1000
+
+
+def test_one_experiment_trains_only_what_it_needs(tiny_gray_folder, tmp_path):
+    res = m.main(["--quick", "--data", tiny_gray_folder, *TINY, "--experiment", "swap", "--out", str(tmp_path)])
+    assert set(res) == {"swap", "runs"} and sorted(r["arm"] for r in res["runs"]) == ["all-conv", "all-local"]
+    assert res["swap"]["same_predictions_pct"] == 100.0
+    plan = m.plan_runs(m.get_args(["--quick"]), 1000, ("scaling",))
+    assert {(arm, n) for arm, n, s, keep in plan} == {(a, n) for a in m.MODELS for n in (1000,)} | {("all-conv", 100), ("all-local", 100)}
+    assert plan[0][0] == "all-axial" and not any(keep for *_, keep in plan)      # most expensive first
 
 
 def test_runs_do_not_depend_on_workers(tiny_gray_folder, tmp_path):
