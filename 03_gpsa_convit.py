@@ -90,7 +90,7 @@ import utils
 PRESETS = {
     # quick: CPU minutes (see the docstring for how the budget was planned).
     "quick": dict(embed_dim=48, depth=4, num_heads=4, local_up_to_layer=3, patch_size=8, mlp_ratio=2.0,
-                  cnn_widths=[16, 32, 64], sizes=[100, 500], epochs=25, seeds=8, control_seeds=4, ablation_seeds=4,
+                  cnn_widths=[16, 32, 64], sizes=[100, 500], epochs=25, seeds=8, control_seeds=8, ablation_seeds=6,
                   batch_size=32, lr=2e-3, warmup_frac=0.05, snapshots=10, train_per_class=None, val_per_class=0,
                   test_per_class=None, workers=2, threads=1),
     # full: ConViT-Ti on CIFAR-10 for one GPU (not measured in this task: no GPU was available).
@@ -652,9 +652,11 @@ def seeds(args, k=None):
     return [args.seed + i for i in range(k or args.seeds)]
 
 
-def ci_text(runs, key, digits=1):
+def ci_text(runs, key, digits=1, sign=""):
+    """'mean [low, high]': the mean of runs[i][key] and its 95% t-interval (sign="+" for differences)."""
     m, lo, hi = utils.mean_ci([r[key] for r in runs])
-    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if len(runs) > 1 else f"{m:.{digits}f}"
+    f = lambda v: f"{v:{sign}.{digits}f}"
+    return f"{f(m)} [{f(lo)}, {f(hi)}]" if len(runs) > 1 else f(m)
 
 
 def verdicts(a, b, name_a, name_b):
@@ -722,15 +724,24 @@ def exp_sample(args, runs, data, out):
                                                    log=lambda s: print("    accuracy: " + s, flush=True))
 
     def draw(fig, plt):
-        ax = fig.add_subplot(111)
+        ax, bx = fig.subplots(1, 2)
         for kind, label in (("deit", "DeiT"), ("convit", "ConViT")):
             ms = [utils.mean_ci([r["acc"] for r in s[kind]]) for s in res["sizes"]]
             ax.errorbar(args.sizes, [m[0] for m in ms], yerr=[[m[0] - m[1] for m in ms], [m[2] - m[0] for m in ms]],
                         fmt="o-", capsize=4, label=f"{label} (mean, 95% CI)")
+        gains = [(s["verdict"]["acc"]["diff"], *s["verdict"]["acc"]["ci"]) for s in res["sizes"]]
+        bx.errorbar(args.sizes, [g[0] for g in gains], yerr=[[g[0] - g[1] for g in gains], [g[2] - g[0] for g in gains]],
+                    fmt="o", capsize=4, color="tab:green")
+        bx.axhline(0, color="grey", lw=0.8)
         ax.set(xscale="log", xlabel="training images per class (same images seen)", ylabel=f"{args.eval_split} accuracy %",
                title="Sample efficiency (paper Table 2)")
+        bx.set(xscale="log", xlabel="training images per class", ylabel="ConViT - DeiT, points",
+               title=f"paired gain, 95% CI, n={args.seeds}")
+        for a in (ax, bx):
+            a.set_xticks(args.sizes, [str(n) for n in args.sizes])
+            a.minorticks_off()
         ax.legend()
-    plot(os.path.join(out, "sample.png"), draw, (5, 3.5))
+    plot(os.path.join(out, "sample.png"), draw, (9, 3.5))
     return res
 
 
@@ -758,7 +769,7 @@ def exp_ablation(args, runs, data, out):
     variants = (("convit", "yes", "yes"), ("frozen_gate", "no (lambda=0)", "yes"), ("no_conv_init", "yes", "no"),
                 ("frozen_gate_no_conv_init", "no (lambda=0)", "no"), ("deit", "-", "-"))
     r = {v: runs.get([(v, n, s) for s in seeds(args, k)]) for v, _, _ in variants}
-    diff = lambda a, b: ci_text([{"d": x["acc"] - y["acc"]} for x, y in zip(r[a], r[b])], "d")
+    diff = lambda a, b: ci_text([{"d": x["acc"] - y["acc"]} for x, y in zip(r[a], r[b])], "d", sign="+")
     print_table(["variant", "train gating", "conv init", f"{args.eval_split} % [95% CI]", "NLL", "- DeiT", "- ConViT"],
                 [[ARMS[v], g, c, ci_text(r[v], "acc"), ci_text(r[v], "nll", 3), diff(v, "deit") if v != "deit" else "",
                   diff(v, "convit") if v != "convit" else ""] for v, g, c in variants])
