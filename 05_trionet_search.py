@@ -35,8 +35,29 @@ Experiments (each prints its table and verdicts and writes runs/05_trionet_searc
             single operator": the searched net, the best single-operator net (chosen on validation) and a
             FLOPs-matched single-operator net, retrained over paired seeds and tested on the full test set.
 
-RESULTS: see the README section (runs/05_trionet_search/README_section.md) for the full tables.
-RESULTS_PLACEHOLDER
+RESULTS of `--quick --workers 2` (measured 2026-11-21 on this task's 2 shared CPU cores, torch 2.15, one thread per
+run, 500 s wall; 16 px images, 3 searched blocks, 2 500 train / 2 000 validation / 10 000 test images; the full
+preset was NOT measured: no GPU). Full tables: README, runs/05_trionet_search/*.json, quick.log.
+  [1] trained type mix conv/local/axial %: before issue 13 (fixed global sandwich ends) 44.4/44.4/11.1; now,
+      hierarchical 33.0/33.7/33.2 (chi-square vs 1/3: 0.13, p = 0.94, n = 1 755), flat-list 32.7/44.5/22.8.
+  [2] multi-head - plain sharing, 3 sharing-sensitive sub-networks, 5 paired supernet seeds x 3 epochs:
+      val acc -0.4 points [-1.7, +0.8], NLL +0.027 [-0.001, +0.055] -> not decided; narrow heads attend like the
+      same full heads under both schemes (TV difference -0.000 [-0.008, +0.007] local): the attention of these
+      briefly trained supernets is near-uniform (local) or set by the per-head bias (axial).
+  [3] flat - hierarchical sampling, 5 paired seeds: axial-minus-local NLL gap +0.041 [+0.010, +0.071] -> the
+      predicted effect of over-training local / under-training axial holds (accuracy: +1.1 [-1.5, +3.6], undecided).
+  [4] searched conv5-c4 local3-c16h2 conv3-c24 (1.99 MFLOPs) vs all-conv (2.48): -1.2 points [-1.5, -0.8], vs
+      all-conv at 1.99 MFLOPs: -1.0 [-1.8, -0.2], n=4 paired seeds, full test set: within the +-2-point margin
+      ("matches" at that tolerance), yet measurably below convolution. all-local 33.5%, all-axial 34.6%, all-conv 40.3%.
+  [5] why all-axial learned badly (--experiment axial, 164 s, 4 paired seeds, 8 epochs, full test set): its attention
+      hardly moves from where it starts. Started uniform (b = 0, before issue 13) each layer averages its whole
+      column / row and keeps doing so (weight on the query pixel 0.15 -> 0.15, = 1/L): 29.8%. Started local
+      (b = -(j-i)^2) it stays near the identity (0.61 -> 0.60): 35.0%, +5.2 points [+0.7, +9.8] (NLL -0.130
+      [-0.208, -0.051]) over the uniform start, and level with the same net with no spatial operator at all (1x1
+      convs only, 34.9%): +0.1 [-1.5, +1.7], NLL -0.006 [-0.016, +0.003] (equivalent within 0.02 nats). So the
+      uniform start destroys spatial detail, and even the fixed axial layer adds no learned spatial mixing in 8 epochs.
+  bench (--quick --bench, 1 thread, fwd+bwd, batch 64): elementwise local5 attention vs the einsum reference 2.95x
+      (16x16, c=8), 2.12x (8x8, c=16), 0.72x (4x4, c=32); the all-local net trains at 664 vs 380 img/s (1.75x).
 
 The official repository (github.com/phj128/TrioNet) has no code, so this file is the reference. Design choices,
 against the paper's text ("paper" = stated there; "OURS" = left open by the paper or shrunk for a CPU):
@@ -1023,8 +1044,9 @@ def supernet_job(args, data, seed, *, sharing, scheme, probes, space_name="main"
     if keep_state:
         out["state"] = {k: v.cpu() for k, v in net.state_dict().items()}
     accs = [s[0] for g in out["scores"] for s in g]
-    print(f"{name} {out.get('train_s', 0):.0f}s training, final loss {out.get('loss', float('nan')):.3f}"
-          + (f"; probes' mean val acc {np.mean(accs):.1f}%" if accs else "") + f" ({time.time() - t0:.0f}s)", flush=True)
+    trained = f"{out['train_s']:.0f}s training, final loss {out['loss']:.3f}" if state is None else "trained state reused"
+    print(f"{name} {trained}" + (f"; probes' mean val acc {np.mean(accs):.1f}%" if accs else "") +
+          f" ({time.time() - t0:.0f}s)", flush=True)
     return out
 
 
@@ -1350,6 +1372,10 @@ def report_search(args, space, nc, runs, configs, best_op):
             continue
         verdicts[other] = utils.compare_paired(test["searched"][0], test[other][0], name_a="searched", name_b=other,
                                                bound=args.margin)
+        lo, hi = verdicts[other]["ci"]  # equivalence = the whole interval inside the margin (two one-sided tests)
+        verdicts[other]["within_margin"] = bool(-args.margin <= lo and hi <= args.margin)
+        print(f"  equivalence with margin +-{args.margin:g} points: the 95% CI [{lo:+.1f}, {hi:+.1f}] "
+              f"{'lies' if verdicts[other]['within_margin'] else 'does not lie'} inside it")
         verdicts[other + " NLL"] = utils.compare_paired(test["searched"][1], test[other][1], name_a="searched",
                                                         name_b=other, unit="nats", digits=3, higher_is_better=False,
                                                         bound=args.margin_nll)
@@ -1487,7 +1513,8 @@ def run(argv=None):
         results[name]["wall_s"] = round(time.time() - t0, 1)
         utils.save_results(os.path.join(out, f"{name}.json"), config, results[name])
         print(f"== {name} done in {results[name]['wall_s']:.0f}s -> {out}/{name}.json ==", flush=True)
-    utils.save_results(os.path.join(out, "results.json"), config, results)
+    if args.experiment == "all":  # one experiment alone writes only its own <experiment>.json
+        utils.save_results(os.path.join(out, "results.json"), config, results)
     return results
 
 
