@@ -373,34 +373,46 @@ def test_bench_runs(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_on_cifar():
-    """The quick preset's AA-ResNet after a short training on 2,000 real CIFAR-10 images, its init, 1,000 test images."""
+    """Seed 0's AA-ResNet of the quick preset, trained exactly as `--quick` trains it (500 real CIFAR-10 images per
+    class, 4 epochs, the preset's recipe: train_arm), its init, and a loader of 1,000 test images."""
     d = os.environ.get("DATA_DIR")
     if not d:
         pytest.skip("DATA_DIR is not set: export DATA_DIR=../shared/data/cifar10 to run the real-data tests")
-    args = aa.get_args(["--quick", "--data", d, "--train-per-class", "200", "--test-per-class", "100", "--epochs", "3"])
-    data = utils.data_from_args(args)
-    torch.manual_seed(0)
-    init = aa.make_arm(args, 10, 0, augmented=True)
-    model = aa.make_arm(args, 10, 0, augmented=True)
-    train, _, test = utils.make_loaders(data, batch_size=64, device=torch.device("cpu"), seed=0)
-    utils.train(model, train, epochs=args.epochs, lr=args.lr, log=lambda line: None)
+    args = aa.get_args(["--quick", "--data", d, "--test-per-class", "100", "--workers", "1"])
+    data = utils.data_from_args(args, seed=args.seed)
+    state = aa.train_arm(args, data, args.seed, True)["state"]
+    init = aa.make_arm(args, data.num_classes, args.seed, augmented=True)
+    model = aa.make_arm(args, data.num_classes, args.seed, augmented=True)
+    model.load_state_dict(state)
+    _, _, test = utils.make_loaders(data, batch_size=64, device=torch.device("cpu"), seed=0)
     return model, init, test, data
+
+
+@torch.no_grad()
+def per_image_nll(model, loader):
+    """Negative log-likelihood of every test image (nats), in loader order: (N,)."""
+    model.eval()
+    return torch.cat([F.cross_entropy(model(x).float(), y, reduction="none") for x, y in loader])
 
 
 def test_real_cifar_network_uses_its_attention(trained_on_cifar):
     """Replacing every head's attention weights by the uniform 1/N (each pixel then gets the mean value) must hurt
-    the trained network. An attention branch that ignored its weights (e.g. the identity) would fail this."""
+    the trained network: by more than 2 points and 0.05 nats, and per test image, paired, with a 95% CI of the NLL
+    increase that excludes 0. An attention branch that ignored its weights (e.g. the identity) changes nothing and
+    fails. Measured: 49.2% -> 41.2%, NLL +0.19 nats [+0.15, +0.22] over the 1,000 images."""
     model, _, test, _ = trained_on_cifar
     layers = [m for m in model.modules() if isinstance(m, aa.AugmentedConv2d)]
-    score = utils.evaluate(model, test)
+    score, trained = utils.evaluate(model, test), per_image_nll(model, test)
     for m in layers:
         m.attention_fast = lambda q, k, v, H, W: v.mean(dim=2, keepdim=True).expand_as(v)
     try:
-        uniform = utils.evaluate(model, test)
+        uniform, uniform_nll = utils.evaluate(model, test), per_image_nll(model, test)
     finally:
         for m in layers:
             del m.attention_fast
     assert uniform.nll > score.nll + 0.05 and uniform.acc < score.acc - 2, (score, uniform)
+    mean, lo, hi = utils.mean_ci((uniform_nll - trained).tolist())
+    assert len(trained) == 1000 and lo > 0, (mean, lo, hi)
 
 
 def test_real_cifar_attention_maps_sharpen_with_training(trained_on_cifar, tmp_path):
