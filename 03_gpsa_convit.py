@@ -17,7 +17,7 @@ patches), then ordinary multi-head self-attention (MHSA) layers follow. `local_u
 same code path: that is our baseline.
 
 Run (from the repo root; --experiment sample|controls|ablation|locality|maps|all, default all):
-    python 03_gpsa_convit.py --quick --data ../shared/data/cifar10                      # 2-core CPU: 499 s, all five
+    python 03_gpsa_convit.py --quick --data ../shared/data/cifar10                      # 2-core CPU: 499-547 s, all five
     python 03_gpsa_convit.py --quick --data ../shared/data/cifar10 --experiment sample   # one experiment
     python 03_gpsa_convit.py --bench                                                    # GPSA fast vs explicit form
     python 03_gpsa_convit.py --data ../shared/data/cifar10                              # full preset, one GPU (not measured)
@@ -41,7 +41,7 @@ alpha = 1, AdamW. Quick preset = a shrunk ConViT-Ti: embed 48 = 4 heads x 12, de
 Patch 8 makes a run 4x cheaper than patch 4, which bought the seeds; with 4 heads the conv init still covers a 3x3
 patch neighbourhood. Settings were fixed from run time and a validation split (--eval-split val), never from test.
 
-RESULTS of `--quick` (this 2-core AMD EPYC CPU, torch 2.15 float32, 2 workers x 1 thread: 499 s wall for all five
+RESULTS of `--quick` (this 2-core AMD EPYC CPU, torch 2.15 float32, 2 workers x 1 thread: 499 s wall, 547 s from a clean clone, for all five
 experiments, 74 training runs; mean [95% CI] over paired seeds, all 10,000 test images; full tables in the README):
     sample      img/class  DeiT %  ConViT %   ConViT - DeiT, points   NLL, nats                n
                    100      30.4     31.0     +0.7 [-0.3, +1.6]       -0.020 [-0.037, -0.002]  8   ConViT better (NLL)

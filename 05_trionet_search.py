@@ -36,7 +36,7 @@ Experiments (each prints its table and verdicts and writes runs/05_trionet_searc
             FLOPs-matched single-operator net, retrained over paired seeds and tested on the full test set.
 
 RESULTS of `--quick --workers 2` (measured 2026-11-21 on this task's 2 shared CPU cores, torch 2.15, one thread per
-run, 500 s wall; 16 px images, 3 searched blocks, 2 500 train / 2 000 validation / 10 000 test images; the full
+run, 460-500 s wall (460 s from a clean clone); 16 px images, 3 searched blocks, 2 500 train / 2 000 validation / 10 000 test images; the full
 preset was NOT measured: no GPU). Full tables: README, runs/05_trionet_search/*.json, quick.log.
   [1] trained type mix conv/local/axial %: before issue 13 (fixed global sandwich ends) 44.4/44.4/11.1; now,
       hierarchical 33.0/33.7/33.2 (chi-square vs 1/3: 0.13, p = 0.94, n = 1 755), flat-list 32.7/44.5/22.8.
