@@ -16,7 +16,7 @@ def load_script(name):
     return importlib.import_module(name)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir():
     """The real CIFAR-10 ImageFolder copy named by $DATA_DIR (CI sets it); skipped, with the reason, when unset."""
     d = os.environ.get("DATA_DIR")

@@ -1,5 +1,4 @@
 """utils.py: data path (ImageFolder, subsets, errors), device loader, train loop, statistics, FLOPs, results."""
-import argparse
 import importlib
 import json
 import math
@@ -36,7 +35,6 @@ def test_image_folder_resize_and_subsets(tiny_image_folder):
     frac = utils.load_data(tiny_image_folder, image_size=16, train_per_class=0.5)
     assert torch.bincount(frac.y_train).tolist() == [6, 6, 6]
     # an ImageFolder is normalised by its own training images' statistics
-    x = d.x_train.double() / 255
     assert torch.allclose(torch.tensor(frac.mean, dtype=torch.float64),
                           utils.load_data(tiny_image_folder, image_size=16).x_train.double().div(255).mean((0, 2, 3)))
 
@@ -312,7 +310,7 @@ def test_compare_paired_verdicts(a, b, verdict):
     d = [x - y for x, y in zip(a, b)]
     assert math.isclose(r["diff"], sum(d) / len(d))
     if len(a) > 1:
-        assert f"95% CI [" in r["line"] and f"n={len(a)} paired seeds \u2192 " in r["line"]
+        assert "95% CI [" in r["line"] and f"n={len(a)} paired seeds \u2192 " in r["line"]
 
 
 def test_compare_paired_lower_is_better_for_nll():
