@@ -56,7 +56,8 @@ RESULTS of `--quick` (this 2-core AMD EPYC CPU, torch 2.15 float32, 2 workers x 
   AA-ResNet - ResNet = -0.9 points [-1.8, -0.0] -> ResNet better (at the edge: 14 pairs, 625 s, gave -0.8
   [-1.5, +0.0], not decided); NLL +0.016 nats [-0.001, +0.033] -> not decided. The paper's +1.3 does not appear.
   The attention is used: uniform weights cost the trained seed-0 net 8 points (49.2 -> 41.2% on 1,000 test
-  images, measured by tests/), and the second AA layer's heads put 15x the uniform weight on their top pixel (entropy 2.8 vs log N = 4.2).
+  images, measured by tests/), and the second AA layer's heads put 15x the uniform weight on their top pixel
+  (entropy 2.8 vs log N = 4.2).
   bench (--bench --threads 1, one 64-channel layer, fwd+bwd): blockwise vs simple form 3.70x at 32x32 batch 32
   (4,022 -> 1,088 ms, peak 1,636 -> 235 MB), 3.17x at 64x64 batch 2 (3,881 -> 1,224 ms, 1,640 -> 164 MB); the
   paper's pooled attention 118 / 80 ms; a plain 3x3 conv 55 / 14 ms. The full preset was NOT measured: no GPU.
