@@ -990,6 +990,32 @@ def summarize(correct, nll):
 
 
 # ------------------------------------------------------------------------------------------------ experiments
+def kendall_tau(a, b):
+    """Kendall's tau-b rank correlation of two equally long sequences (ties counted, as scipy
+    does): (concordant - discordant pairs) / sqrt(pairs not tied in a * pairs not tied in b)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    assert len(a) == len(b) >= 2, "kendall_tau needs two sequences of the same length >= 2"
+    i, j = np.triu_indices(len(a), 1)                      # every pair i < j once
+    sa, sb = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])    # (pairs,) +1 / -1 / 0 for a tie
+    denom = math.sqrt(float((sa != 0).sum()) * float((sb != 0).sum()))
+    return float((sa * sb).sum() / denom) if denom else float("nan")
+
+
+def bootstrap_ci(stat, *samples, n_boot=2000, seed=0):
+    """(value, low, high): stat(*samples) and its 95% percentile-bootstrap interval, resampling
+    rows (the same indices in every sample, so pairs stay pairs)."""
+    g = np.random.default_rng(seed)
+    n = len(samples[0])
+    vals = []
+    for _ in range(n_boot):
+        idx = g.integers(0, n, n)
+        v = stat(*[[s[i] for i in idx] for s in samples])
+        if not math.isnan(v):
+            vals.append(v)
+    lo, hi = np.percentile(vals, [2.5, 97.5]) if vals else (float("nan"), float("nan"))
+    return stat(*samples), float(lo), float(hi)
+
+
 
 def print_table(header, rows):
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -999,7 +1025,7 @@ def print_table(header, rows):
 
 def tau_ci(a, b, seed=0):
     """(tau, low, high): Kendall's tau of a and b and its 95% bootstrap interval, resampling the items."""
-    return utils.bootstrap_ci(utils.kendall_tau, list(a), list(b), n_boot=1000, seed=seed)
+    return bootstrap_ci(kendall_tau, list(a), list(b), n_boot=1000, seed=seed)
 
 
 def fmt_ci(v, digits=2):

@@ -1,4 +1,4 @@
-"""Shared test helpers: import the numbered scripts, find the real CIFAR-10 copy, write a tiny ImageFolder."""
+"""Shared test helpers: import the numbered scripts, find real CIFAR-10, write tiny ImageFolders."""
 import importlib
 import os
 import sys
@@ -12,24 +12,26 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def load_script(name):
-    """`import 03_gpsa_convit` is not valid Python syntax, so tests import numbered scripts this way."""
+    """`import 03_gpsa_convit` is not valid Python, so tests import numbered scripts this way."""
     return importlib.import_module(name)
 
 
 @pytest.fixture(scope="session")
 def data_dir():
-    """The real CIFAR-10 ImageFolder copy named by $DATA_DIR (CI sets it); skipped, with the reason, when unset."""
+    """The real CIFAR-10 ImageFolder copy named by $DATA_DIR (CI sets it); skipped, with the
+    reason, when unset."""
     d = os.environ.get("DATA_DIR")
     if not d:
-        pytest.skip("DATA_DIR is not set: export DATA_DIR=../shared/data/cifar10 to run the real-data tests")
+        pytest.skip("DATA_DIR is not set: export DATA_DIR=<a CIFAR-10 ImageFolder copy> to run "
+                    "the real-data tests")
     assert os.path.isdir(d), f"DATA_DIR={d!r} is not a directory"
     return d
 
 
 @pytest.fixture
 def tiny_image_folder(tmp_path, monkeypatch):
-    """A 3-class ImageFolder (train/ 12 per class, test/ 4 per class) of 40x36 PNGs: exercises decode + resize.
-    Its decode cache goes to tmp_path too, so tests never touch the user's cache."""
+    """A 3-class ImageFolder (train/ 12 per class, test/ 4 per class) of 40x36 PNGs: exercises
+    decode + resize. Its decode cache goes to tmp_path too: tests never touch the user's cache."""
     monkeypatch.setenv("CMA_CACHE", str(tmp_path / "cache"))
     from PIL import Image
     g = torch.Generator().manual_seed(0)
@@ -47,9 +49,9 @@ def tiny_image_folder(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_gray_folder(tmp_path, monkeypatch):
-    """A dataset unlike CIFAR-10, for "--quick fits any dataset": 4 classes of 28x28 GRAYSCALE PNGs, a `val/` split
-    instead of `test/`, and far fewer images (10 train / 3 val per class) than any preset asks for. Each class is a
-    bright bar in its own place, so it is learnable."""
+    """A dataset unlike CIFAR-10, for "--quick fits any dataset": 4 classes of 28x28 GRAYSCALE
+    PNGs, a `val/` split instead of `test/`, and far fewer images (10 train / 3 val per class)
+    than any preset asks for. Each class is a bright bar in its own place: learnable."""
     monkeypatch.setenv("CMA_CACHE", str(tmp_path / "cache"))
     from PIL import Image
     g = torch.Generator().manual_seed(0)

@@ -524,3 +524,14 @@ def test_entanglement_beats_classic_sharing_on_real_cifar(data_dir):
     assert min(ent) > 15, ent  # chance is 10% (500 val images: 15% is > 4 standard deviations above it)
     assert res["entangled"]["history"][-1]["loss"] < res["classic"]["history"][-1]["loss"]
     assert sum(e > c for e, c in zip(ent, cla)) >= 5 and sum(ent) > sum(cla) + 6 * 2.0, (ent, cla)
+
+
+def test_kendall_tau_and_bootstrap():
+    assert m.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert m.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # 5 items, one discordant pair of 10 -> (9 - 1) / 10; a tie in b: tau-b = 9 / sqrt(10 * 9)
+    assert math.isclose(m.kendall_tau([1, 2, 3, 4, 5], [1, 2, 3, 5, 4]), 0.8)
+    assert math.isclose(m.kendall_tau([1, 2, 3, 4, 5], [1, 2, 3, 3, 5]), 9 / math.sqrt(10 * 9))
+    v, lo, hi = m.bootstrap_ci(m.kendall_tau, list(range(12)),
+                               [0, 2, 1, 3, 5, 4, 6, 8, 7, 9, 11, 10], n_boot=300)
+    assert lo <= v <= hi and 0.5 < lo and hi <= 1.0
