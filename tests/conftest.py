@@ -9,6 +9,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+SCRIPTS = ["01_conv_vs_attention", "02_aa_conv", "03_gpsa_convit", "04_autoformer_entangle",
+           "05_trionet_search"]
 
 
 def load_script(name):

@@ -13,10 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
-from conftest import ROOT
-
-SCRIPTS = ["01_conv_vs_attention", "02_aa_conv", "03_gpsa_convit", "04_autoformer_entangle",
-           "05_trionet_search"]
+from conftest import ROOT, SCRIPTS
 
 
 # ---------------------------------------------------------------------------------- data
