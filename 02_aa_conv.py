@@ -1,92 +1,28 @@
-"""Attention Augmented Convolutional Networks -- Bello, Zoph, Vaswani, Shlens, Le, ICCV 2019, arXiv 1904.09925.
+"""Attention Augmented Convolutional Networks -- Bello, Zoph, Vaswani, Shlens & Le, ICCV 2019
+(arXiv:1904.09925).
 
-The idea. A convolution only sees a k x k neighbourhood; self-attention sees the whole image but, on its own,
-ignores where things are. An *attention-augmented convolution* runs both side by side on the same input and
-concatenates their outputs on the channel axis (paper Sec. 3.2):
+A convolution sees a k x k neighbourhood; self-attention sees every pixel but, alone, ignores
+where they are. An attention-augmented convolution runs both on the same input and concatenates
+their outputs on the channel axis (Sec. 3.2), with 2-D relative positions inside the attention:
 
-    AAConv(X) = Concat[ Conv(X), MHA(X) ]          Conv -> F_out - d_v channels,  MHA -> d_v channels
+    AAConv(X) = Concat[Conv(X), MHA(X)]       Conv: F_out - d_v channels, MHA: d_v channels
+    l_ij = q_i . (k_j + r^W_{j_x - i_x} + r^H_{j_y - i_y}) / sqrt(d_k^h)                (eq. 3)
 
-MHA is multi-head self-attention over all H*W pixels (eq. 1-2): a 1x1 conv makes queries, keys and values,
-each head h computes Softmax(Q_h K_h^T / sqrt(d_k^h)) V_h, and a 1x1 conv mixes the heads. To make attention
-aware of 2D position while staying translation-equivariant, the paper adds *relative* logits (Sec. 3.1.2, eq. 3):
+kappa = d_k / F_out and upsilon = d_v / F_out set the split; upsilon = 0 is a plain convolution.
+Below: `rel_to_abs` and `AugmentedConv2d` (the paper's appendix code, biases included), an optional
+blockwise attention that never stores the N x N logits (tested equal), and the paper's CIFAR
+model: pre-activation ResNets whose first conv of every block is augmented.
 
-    l_{i,j} = q_i^T / sqrt(d_k^h) * ( k_j + r^W_{j_x - i_x} + r^H_{j_y - i_y} )
-
-with one learned embedding per relative width offset (2W-1 of them) and per relative height offset (2H-1).
-They are computed with the "relative to absolute" trick (`rel_to_abs`) in O(HW(H+W)) memory and added to the
-(HW x HW) content logits by broadcasting. Three knobs, as in the paper: N_h heads, kappa = d_k / F_out and
-upsilon = d_v / F_out. upsilon = 0 is a plain convolution; upsilon = 1 (no conv branch) is fully attentional.
-`BlockwiseAttention` computes the same softmax(logits) V block by block without ever storing an N x N tensor.
-
-Run (from the repo root; --experiment compare|maps|pilot|all, default all = compare + maps):
-    python 02_aa_conv.py --quick --data ../shared/data/cifar10                      # <= 10 min on 2 cores (2 workers)
-    python 02_aa_conv.py --quick --experiment pilot --data ../shared/data/cifar10   # the power planning, ~5 min
-    python 02_aa_conv.py --bench --threads 1                                        # the AA layer, before / after
-    python 02_aa_conv.py --data ../shared/data/cifar10                              # full preset: one GPU (not measured)
-
-Experiments (each prints its table and writes runs/02_aa_conv/<experiment>.json):
-  compare  AA-ResNet vs ResNet (the paper's CIFAR recipe: the first 3x3 conv of each residual block augmented) on
-           paired seeds: one seed = one training subset, one batch order, and equal initial values for every weight
-           both arms have (make_arm). Full 10,000-image test set; accuracy and NLL; verdicts by utils.compare_paired.
-  maps     attention of the trained heads vs the very same network at init (largest weight vs 1/N, entropy vs log N)
-           and runs/02_aa_conv/attention_maps.png, all panels on one colour scale.
-  pilot    the power planning, never on test: compare on a validation split (500 per class) carved from train.
-  --bench  one 64-channel AA layer, forward + backward: the simple form (the layer before this change) and
-           BlockwiseAttention (after) on the same weights, plus the paper's pooled attention and a plain conv.
-
-The quick preset, and why. A ResNet-10 (widths 16/32/64, blocks 1/1/2) with attention in stage 3, on 500 CIFAR-10
-training images per class (a new subset per seed), 4 epochs, AdamW, 12 paired seeds, 2 worker processes.
-  Power planning (--experiment pilot, validation split, 8 pairs): the per-seed accuracy difference had SD 1.52
-  points at 4 epochs (1.76 at 3 epochs, which buys 1.3x the pairs: the same power per CPU-second). A 95% CI
-  half-width t * SD / sqrt(n) <= 1 point then needs n >= 12; validation is 5,000 images, the test set 10,000, so
-  the test-set differences are a little less noisy. 12 pairs is what fits the 10-minute budget: a measured run with
-  14 pairs took 625 s on this machine (one pair costs ~85 CPU-seconds).
-  kappa, upsilon, N_h against the paper. The paper's CIFAR rule is N_h = 8, kappa = 2 upsilon = 0.2 and at least 20
-  key dims per head (its WRN-28-10 has 160-640 channels). At our 64 channels that rule gives d_k = 8 x 20 = 160,
-  2.5x the layer's width, and d_v = 0.1 x 64 = 6.4 values for 8 heads. We keep the 20-key-dims rule and cut the
-  heads instead: N_h = 2, d_k = 40 (kappa = 0.5 asks for 32, the 20-per-head minimum raises it to 40), and
-  upsilon = 0.25 (d_v = 16, 8 per head) so that attention carries a quarter of the layer's channels. Decided
-  before any test run, not tuned.
-
-RESULTS of `--quick` (this 2-core AMD EPYC CPU, torch 2.15 float32, 2 workers x 1 thread, from a clean clone: 522 s;
-12 paired seeds, all 10,000 test images; mean [95% CI]; full tables in the README and runs/02_aa_conv/):
-    model      params   MFLOPs  saved act. MB  img/s   test acc %            test NLL
-    ResNet     152,026   34.4      138          678    49.91 [49.05, 50.76]  1.3860 [1.3697, 1.4022]
-    AA-ResNet  149,130   35.1      160          519    49.01 [48.52, 49.50]  1.4020 [1.3917, 1.4123]
-  AA-ResNet - ResNet = -0.9 points [-1.8, -0.0] -> ResNet better (at the edge: 14 pairs, 625 s, gave -0.8
-  [-1.5, +0.0], not decided); NLL +0.016 nats [-0.001, +0.033] -> not decided. The paper's +1.3 does not appear.
-  The attention is used: uniform weights cost the trained seed-0 net 8 points (49.2 -> 41.2% on 1,000 test
-  images, measured by tests/), and the second AA layer's heads put 15x the uniform weight on their top pixel
-  (entropy 2.8 vs log N = 4.2).
-  bench (--bench --threads 1, one 64-channel layer, fwd+bwd): blockwise vs simple form 3.70x at 32x32 batch 32
-  (4,022 -> 1,088 ms, peak 1,636 -> 235 MB), 3.17x at 64x64 batch 2 (3,881 -> 1,224 ms, 1,640 -> 164 MB); the
-  paper's pooled attention 118 / 80 ms; a plain 3x3 conv 55 / 14 ms. The full preset was NOT measured: no GPU.
-
-Deviations from the paper and its code (and why):
-  - Scale: a ResNet-10 on CIFAR-10 subsets for minutes on a CPU, not a WRN-28-10 on CIFAR-100 for 500 epochs; AdamW
-    (lr 3e-3, weight decay 0.05 on kernels only, label smoothing 0.1) instead of the WRN's SGD recipe. The full
-    preset follows the paper's recipe (SGD, N_h 8, kappa 0.2, upsilon 0.1, >= 20 key dims) but was not run.
-  - Strided AA layers are not in the paper (its code has no stride). Ours attend on the conv's output grid: the
-    attention input is k x k average pooled with the layer's stride. The paper's own pooling (pool_attention: 3x3 /
-    2 average pooling of the attention input "in the layers with the largest spatial dimensions", then bilinear
-    upsampling back) is implemented too and used by the full preset's 32x32 stage; the quick preset's 8x8 grid
-    needs no memory saving, so it does not use it.
-  - upsample_pooled puts pooled pixel i back at input pixel 2i (the centre of its pooling window), as TF1's
-    resize_bilinear mapped a 2x upsampling; PyTorch's align_corners=False would shift it by a quarter pixel.
-    Pooling does not count padding, as TensorFlow's 'SAME' pooling.
-  - The relative tables are sized once for the largest grid (max_size); a smaller grid uses their centre rows. The
-    paper builds them for the grid at hand. They start with std dkh^-1/2; the paper's printed code passes dkh^-0.5
-    as the first argument of tf.random_normal_initializer, which TensorFlow reads as the MEAN (std 1): we take it
-    as the intended scale.
-  - BlockwiseAttention evaluates the same sums in another order: results match the simple form to float rounding
-    (tests: 1e-5 in float32, gradcheck in float64).
-  - Channels-last memory format for the ResNets: the same numbers, 1.45x faster training on this CPU.
-
-Letters used in shape comments:
-    B batch, C channels, H x W spatial size (of the attention grid after any pooling), N = H*W pixels,
-    Nh heads, dk / dv total key / value depth, dkh = dk/Nh and dvh = dv/Nh per head, G = B*Nh, L a generic length.
+Run:
+    python 02_aa_conv.py --demo                  # no data, ~10 s: relative logits, branches, checks
+    python 02_aa_conv.py --quick --data cifar10  # 2-core CPU, ~8 min (--data DIR: an ImageFolder)
+    python 02_aa_conv.py --data cifar10          # full preset: one GPU (not measured here)
+    python 02_aa_conv.py --bench --threads 1     # blockwise vs simple attention: time and memory
+Results (--quick on a 2-core AMD EPYC CPU, torch 2.15 float32, n paired seeds, all 10,000 test
+images; a pre-activation ResNet-10 with two AA layers on its 8x8 stage, 4 epochs of 5,000 images):
+    (filled in from the measured --quick run)
+Details: runs/02_aa_conv/RESULTS.md (full tables, the pilot that fixed n, logs).
 """
-import argparse
 import copy
 import math
 import os
@@ -99,157 +35,306 @@ import torch.nn.functional as F
 
 import utils
 
-# ------------------------------------------------------------------------------------------------ config
+# %% [markdown]
+# ## 1. Relative position logits (Sec. 3.1.2, eq. 3)
+#
+# Self-attention compares every query pixel $i$ with every key pixel $j$. To know *where* $j$
+# lies relative to $i$, the paper adds one learned embedding per relative column offset
+# ($r^W$) and one per relative row offset ($r^H$) to the key:
+#
+# $$\ell_{ij} = \frac{q_i^\top}{\sqrt{d_k^h}}\left(k_j + r^W_{j_x-i_x} + r^H_{j_y-i_y}\right)$$
+#
+# The position terms depend on the offset $j - i$ only, so the layer stays translation
+# equivariant. Along one axis of length $L$ a query has $2L-1$ possible offsets: $q \cdot r$ for
+# all of them is an $(L, 2L-1)$ table of *relative* logits, and `rel_to_abs` moves it to the
+# $(L, L)$ *absolute* key positions by padding and reshaping (the "skewing" of Music Transformer),
+# with no $(L, L, 2L-1)$ gather.
 
-PRESETS = {
-    # quick: 2-core CPU, <= 10 min. A ResNet-10 (widths 16/32/64, blocks 1/1/2) with attention in stage 3 only (an
-    # 8x8 grid; two AA layers: the strided first conv and the second block's). The paper too augments "starting from
-    # the last layer until we hit memory constraints". Nh = 2 heads so that each head keeps the paper's minimum of 20
-    # key dims: dk = 40 (kappa = 0.5 -> 32, raised to 2 x 20), dv = 16 (upsilon = 0.25, 8 per head). The paper's
-    # kappa = 2 upsilon = 0.2 with 8 heads would give a 64-channel layer 1.6 key and 0.8 value dims per head.
-    # Counts, epochs and seeds: see the power planning in the docstring (pilot on a validation split).
-    "quick": dict(widths=(16, 32, 64), blocks=(1, 1, 2), aa_stages=(3,), pool_stages=(), num_heads=2, kappa=0.5,
-                  upsilon=0.25, min_dkh=20, epochs=4, batch_size=64, lr=3e-3, weight_decay=0.05, optimizer="adamw",
-                  warmup_epochs=1.0, seeds=12, train_per_class=500, val_per_class=0, test_per_class=None,
-                  workers=2, threads=1),
-    # full: one GPU, full CIFAR-10, the paper's CIFAR recipe on a wide ResNet-14 (widths 128/256/512, two blocks per
-    # stage): attention in every block, Nh = 8, kappa = 2 upsilon = 0.2, >= 20 key dims per head; the 32x32 stage
-    # pools its attention input (the paper's memory saver for its largest grids). Not measured: no GPU in this task.
-    "full": dict(widths=(128, 256, 512), blocks=(2, 2, 2), aa_stages=(1, 2, 3), pool_stages=(1,), num_heads=8,
-                 kappa=0.2, upsilon=0.1, min_dkh=20, epochs=100, batch_size=128, lr=0.1, weight_decay=5e-4,
-                 optimizer="sgd", warmup_epochs=5.0, seeds=5, train_per_class=None, val_per_class=0,
-                 test_per_class=None, workers=1, threads=None),
-}
-PILOT_VAL_PER_CLASS = 500  # the pilot's validation split: 5,000 CIFAR-10 training images, never used for training
-EXPERIMENTS = ("compare", "maps", "pilot")
-ARMS = {False: "ResNet", True: "AA-ResNet"}
-EVAL_BATCH = 128  # images per evaluation batch (500 was 1.4x slower on this CPU: activations fall out of cache)
-
-
-def get_args(argv=None):
-    p = utils.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                             epilog="Presets (a flag you pass wins over its preset value):\n" +
-                                    "\n".join(f"  {k}: {v}" for k, v in PRESETS.items()))
-    p.add_argument("--experiment", default="all", choices=EXPERIMENTS + ("all",),
-                   help="compare: AA-ResNet vs ResNet on paired seeds; maps: attention of the trained heads vs init; "
-                        "pilot: the power planning on a validation split; all = compare + maps")
-    p.add_argument("--quick", action="store_true", help="CPU preset (<= 10 min on 2 cores); default: the full GPU preset")
-    p.add_argument("--bench", action="store_true", help="only the AA-layer benchmark: before / after side by side")
-    p.add_argument("--epochs", type=utils.positive_int)
-    p.add_argument("--seeds", type=utils.positive_int, help="paired seeds: --seed, --seed+1, ... (each trains both arms)")
-    p.add_argument("--batch-size", type=utils.positive_int)
-    p.add_argument("--lr", type=utils.positive_float)
-    p.add_argument("--weight-decay", type=utils.nonneg_float)
-    p.add_argument("--warmup-epochs", type=utils.nonneg_float)
-    p.add_argument("--optimizer", choices=("adamw", "sgd"))
-    p.add_argument("--widths", type=utils.positive_int, nargs=3, help="channels of the 3 ResNet stages")
-    p.add_argument("--blocks", type=utils.positive_int, nargs=3, help="residual blocks per stage")
-    p.add_argument("--aa-stages", type=int, nargs="+", help="stages (1-3) whose blocks get an AA first conv")
-    p.add_argument("--pool-stages", type=int, nargs="*", help="AA stages whose attention input is pooled (paper Sec. 4.2)")
-    p.add_argument("--num-heads", type=utils.positive_int, help="Nh")
-    p.add_argument("--kappa", type=utils.positive_float, help="dk / F_out")
-    p.add_argument("--upsilon", type=utils.positive_float, help="dv / F_out")
-    p.add_argument("--min-dkh", type=utils.nonneg_int, help="at least this many key dims per head (paper: 20)")
-    p.add_argument("--no-relative", action="store_true", help="AA layers without relative position logits")
-    p.add_argument("--measure-batch", type=utils.positive_int, default=128, help="batch of the memory column")
-    p.add_argument("--bench-sizes", type=utils.positive_int, nargs="+", default=[32, 64], help="benchmark grids (square)")
-    p.add_argument("--bench-batch", type=utils.positive_int, default=128,
-                   help="benchmark batch; lowered (and printed) where one (B, Nh, N, N) fp32 logit tensor of the simple "
-                        "form would exceed 0.5 GiB on a CPU or 1/8 of the GPU memory")
-    p.add_argument("--bench-steps", type=utils.positive_int, default=3, help="timed steps per benchmark row")
-    utils.add_common_args(p)
-    args = p.parse_args(argv)
-    preset = dict(PRESETS["quick" if args.quick else "full"])
-    if args.experiment == "pilot":
-        preset["val_per_class"] = PILOT_VAL_PER_CLASS
-    utils.apply_preset(args, preset)
-    if not set(args.aa_stages) <= {1, 2, 3} or not set(args.pool_stages) <= set(args.aa_stages):
-        p.error(f"--aa-stages {args.aa_stages} must name stages 1-3 and --pool-stages {args.pool_stages} a subset of them")
-    if args.experiment == "pilot" and not args.val_per_class:
-        p.error("--experiment pilot needs a validation split: --val-per-class >= 1")
-    args.widths, args.blocks = tuple(args.widths), tuple(args.blocks)
-    return args
-
-
-# ------------------------------------------------------------------------------------------------ building blocks
-
+# %%
 def rel_to_abs(x):
-    """Relative -> absolute indexing (paper Sec. 3.1.2, the "skewing" trick of Music Transformer).
-
-    x[..., i, m] holds the logit of query i for relative offset m - (L-1), m in [0, 2L-2]. Returns y[..., i, j] =
-    x[..., i, j - i + L - 1], the logit for the key at absolute position j. Pure padding + reshapes: no gather,
-    no (L, L, 2L-1) one-hot. (..., L, 2L-1) -> (..., L, L)."""
+    """(..., L, 2L-1) relative logits -> (..., L, L): y[..., i, j] = x[..., i, j - i + L - 1],
+    where column m of x holds the offset m - (L-1). Pure padding + reshapes."""
     *lead, L, M = x.shape
-    assert M == 2 * L - 1, f"rel_to_abs expects (..., L, 2L-1) relative logits, got last dims ({L}, {M})"
+    assert M == 2 * L - 1, f"rel_to_abs expects (..., L, 2L-1) logits, got ({L}, {M})"
     x = F.pad(x, (0, 1))                      # (..., L, 2L): one zero column per row
     x = x.reshape(*lead, L * 2 * L)           # (..., 2L*L): rows laid end to end
-    x = F.pad(x, (0, L - 1))                  # (..., 2L*L + L-1) = (..., (L+1)(2L-1))
-    x = x.reshape(*lead, L + 1, 2 * L - 1)    # (..., L+1, 2L-1): reading with a row length one shorter skews row i by i
-    return x[..., :L, L - 1:]                 # (..., L, L): y[i, j] = x[i, j - i + L-1]
+    x = F.pad(x, (0, L - 1))                  # (..., (L+1)(2L-1))
+    x = x.reshape(*lead, L + 1, 2 * L - 1)    # rows one shorter: row i is shifted left by i
+    return x[..., :L, L - 1:]                 # (..., L, L)
 
 
 def relative_logits_1d(q, rel_k):
-    """Relative logits along the last spatial axis. q: (B, Nh, H, W, dkh) scaled queries; rel_k: (2W-1, dkh)
-    embeddings of offsets -(W-1)..W-1. Returns (B, Nh, H, W, W): out[..., y, x, x'] = q[y, x] . rel_k[x' - x + W-1]."""
-    rel = torch.einsum("bhyxd,md->bhyxm", q, rel_k)  # (B, Nh, H, W, 2W-1): every query against every offset
-    return rel_to_abs(rel)                           # (B, Nh, H, W, W)
+    """Position logits along the last spatial axis. q: (..., W, dkh) queries; rel_k: (2W-1, dkh)
+    embeddings of offsets -(W-1)..W-1. -> (..., W, W): out[..., x, x'] = q_x . rel_k[x' - x]."""
+    return rel_to_abs(q @ rel_k.t())         # (..., W, 2W-1): every query against every offset
 
 
-def pooled_size(n, stride):
-    """Grid size after a k x k window with stride s and padding k//2 (k odd): the conv's and the pool's output."""
-    return (n - 1) // stride + 1
+# %% [markdown]
+# ## 2. The attention-augmented convolution (Sec. 3.1-3.2, eq. 1-2)
+#
+# Each head $h$ attends over all $N = HW$ pixels, $O_h = \mathrm{Softmax}(\ell)\,V_h$ (eq. 1,
+# with the logits $\ell$ of eq. 3); the heads are concatenated and mixed by a 1x1 conv $W^O$
+# (eq. 2), and the result is concatenated with an ordinary convolution (Sec. 3.2):
+#
+# $$\mathrm{AAConv}(X) = \mathrm{Concat}\left[\mathrm{Conv}(X),\ \mathrm{MHA}(X)\right]$$
+#
+# Letters in shape comments: B batch, C channels, H x W the grid attention works on, N = H*W,
+# Nh heads, dk / dv key / value depth (dkh = dk/Nh, dvh = dv/Nh per head), G = B*Nh.
+#
+# Biases: the paper's code makes all three convolutions with TensorFlow's default bias (initial
+# value 0). Followed by a BatchNorm, the biases of the conv branch, of $W^O$, of the keys (a
+# constant per query row: softmax ignores it) and of the values (the weights sum to 1) are
+# cancelled; the **query bias** is not: $b_q \cdot (k_j + r_{j-i})$ is a preference for
+# salient keys and for relative positions that holds for every image.
 
-
+# %%
 def upsample_pooled(x, size):
-    """Undo the paper's 3x3 / stride-2 average pooling of the attention input (Sec. 4.2: "the following upsampling
-    (required for the concatenation) is obtained via bilinear interpolation"). Pooled pixel i is the mean of a window
-    centred on input pixel 2i, so it goes back to pixel 2i, and the pixel between two of them gets their mean
-    (bilinear with align_corners=True onto 2h-1 points); an even-sized grid repeats its last row / column.
-    (B, C, h, w) -> (B, C, H, W) with H = 2h-1 or 2h."""
-    H, W = size
-    h, w = x.shape[-2:]
-    assert H in (2 * h - 1, 2 * h) and W in (2 * w - 1, 2 * w), f"grid {h}x{w} is not a stride-2 pooling of {H}x{W}"
-    x = F.interpolate(x, size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True)  # (B, C, 2h-1, 2w-1)
-    return F.pad(x, (0, W - (2 * w - 1), 0, H - (2 * h - 1)), mode="replicate")          # (B, C, H, W)
+    """Undo a 3x3 / stride-2 average pooling (Sec. 4.2: "bilinear interpolation"): pooled pixel
+    i averaged a window centred on pixel 2i, so it goes back there (align_corners=True onto 2h-1
+    points); an even-sized grid repeats its last row/column. (B, C, h, w) -> (B, C, H, W)."""
+    (H, W), (h, w) = size, x.shape[-2:]
+    assert H in (2 * h - 1, 2 * h) and W in (2 * w - 1, 2 * w), f"{h}x{w} is not {H}x{W} / 2"
+    x = F.interpolate(x, size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True)
+    return F.pad(x, (0, W - (2 * w - 1), 0, H - (2 * h - 1)), mode="replicate")
 
 
+class AugmentedConv2d(nn.Module):
+    """Concat[Conv(X), MHA(X)]: a k x k conv gives out_channels - dv channels, multi-head
+    self-attention over all pixels dv channels (dk query/key channels, num_heads heads).
+    relative: eq. 3's tables, sized for inputs up to max_size (int or (H, W)); smaller grids use
+    their centre rows; all heads share them, as in the paper's code. pool_attention: the paper's
+    memory saver (Sec. 4.2), attention on the 3x3/2 average-pooled input, upsampled back.
+    stride > 1 is not in the paper: attention then works on the conv's output grid, its input
+    k x k average pooled with the same stride. dk = dv = 0 is nn.Conv2d(padding=k//2)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, dk, dv, num_heads,
+                 relative=True, stride=1, pool_attention=False, max_size=32, bias=True):
+        super().__init__()
+        assert kernel_size % 2 == 1, f"kernel_size {kernel_size} must be odd (padding k//2)"
+        assert 0 <= dv <= out_channels, f"dv={dv} must be in [0, out_channels={out_channels}]"
+        assert dk >= 0 and (dv > 0 or dk == 0), f"dk={dk} > 0 needs attention values: dv > 0"
+        assert num_heads >= 1, f"num_heads must be >= 1, got {num_heads}"
+        assert dk % num_heads == 0 and dv % num_heads == 0, (
+            f"dk={dk} and dv={dv} must be divisible by num_heads={num_heads} (dims per head)")
+        self.dk, self.dv, self.num_heads, self.relative = dk, dv, num_heads, relative
+        self.kernel_size, self.stride, self.pool_attention = kernel_size, stride, pool_attention
+        # Conv(X): out_channels - dv channels (no conv branch when upsilon = 1)
+        self.conv = (nn.Conv2d(in_channels, out_channels - dv, kernel_size, stride,
+                               kernel_size // 2, bias=bias) if out_channels > dv else None)
+        if dv == 0:
+            return
+        self.qkv = nn.Conv2d(in_channels, 2 * dk + dv, 1, bias=bias)  # W_q, W_k, W_v (eq. 1)
+        self.attn_out = nn.Conv2d(dv, dv, 1, bias=bias)                 # W^O (eq. 2)
+        for m in (self.conv, self.qkv, self.attn_out):
+            if bias and m is not None:
+                nn.init.zeros_(m.bias)  # as tf.layers.conv2d in the paper's code
+        if relative:
+            h, w = (max_size, max_size) if isinstance(max_size, int) else max_size
+            self.max_h, self.max_w = self.grid(h), self.grid(w)
+            dkh = dk // num_heads
+            # r^H, r^W of eq. 3: one row per offset -(H-1)..H-1, -(W-1)..W-1; std dkh^-1/2
+            self.key_rel_h = nn.Parameter(torch.randn(2 * self.max_h - 1, dkh) * max(dkh, 1)**-.5)
+            self.key_rel_w = nn.Parameter(torch.randn(2 * self.max_w - 1, dkh) * max(dkh, 1)**-.5)
+
+    def grid(self, n):  # the side of the attention grid for an input side n
+        n = (n - 1) // self.stride + 1                   # the conv's output side
+        return (n + 1) // 2 if self.pool_attention else n
+
+    def attention_input(self, x):
+        if self.stride > 1:  # padding not counted, as TensorFlow's 'SAME' pooling
+            k = self.kernel_size
+            x = F.avg_pool2d(x, k, self.stride, k // 2, count_include_pad=False)
+        if self.pool_attention:
+            x = F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
+        return x
+
+    def queries_keys_values(self, a):
+        """a: (B, C, H, W) -> q (scaled), k: (B, Nh, N, dkh) and v: (B, Nh, N, dvh)."""
+        B, _, H, W = a.shape
+        q, k, v = self.qkv(a).split([self.dk, self.dk, self.dv], dim=1)  # (B, dk|dk|dv, H, W)
+        q, k, v = (t.reshape(B, self.num_heads, -1, H * W).transpose(2, 3) for t in (q, k, v))
+        dkh = self.dk // self.num_heads
+        return q * (dkh ** -0.5 if dkh else 1.0), k, v  # 1/sqrt(dkh) scales eq. 3's three terms
+
+    def relative_logits(self, q, H, W):
+        """The position terms of eq. 3, q: (B, Nh, N, dkh) -> rel_h: (B, Nh, N, H) with
+        rel_h[..., i, y'] = q_i . r^H_{y' - i_y}, and rel_w: (B, Nh, N, W) likewise."""
+        B, Nh, N, dkh = q.shape
+        assert H <= self.max_h and W <= self.max_w, (
+            f"grid {H}x{W} exceeds the tables ({self.max_h}x{self.max_w}): raise max_size")
+        q = q.reshape(B, Nh, H, W, dkh)
+        r_h = self.key_rel_h[self.max_h - H:self.max_h + H - 1]          # (2H-1, dkh)
+        r_w = self.key_rel_w[self.max_w - W:self.max_w + W - 1]          # (2W-1, dkh)
+        rel_w = relative_logits_1d(q, r_w)                                # (B, Nh, H, W, W)
+        rel_h = relative_logits_1d(q.transpose(2, 3), r_h).transpose(2, 3)  # (B, Nh, H, W, H)
+        return rel_h.reshape(B, Nh, N, H), rel_w.reshape(B, Nh, N, W)
+
+    def logits(self, q, k, H, W):
+        """Eq. 3 for every pair: (B, Nh, N, N), row i = query pixel, column j = key pixel."""
+        B, Nh, N, _ = q.shape
+        s = q @ k.transpose(2, 3)                                         # content: q_i . k_j
+        if self.relative:
+            rel_h, rel_w = self.relative_logits(q, H, W)
+            # key axis as (H, W): r^H terms broadcast over the key's column, r^W over its row
+            s = s.view(B, Nh, N, H, W) + rel_h[..., :, None] + rel_w[..., None, :]
+        return s.reshape(B, Nh, N, N)
+
+    def attention(self, q, k, v, H, W):
+        """Eq. 1 for all heads: softmax(logits) v -> (B, Nh, N, dvh)."""
+        return self.logits(q, k, H, W).softmax(dim=-1) @ v
+
+    def forward(self, x):
+        if self.dv == 0:
+            return self.conv(x)                                    # upsilon = 0: a plain conv
+        a = self.attention_input(x)
+        B, _, H, W = a.shape
+        o = self.attention(*self.queries_keys_values(a), H, W)    # (B, Nh, N, dvh)
+        o = self.attn_out(o.transpose(2, 3).reshape(B, self.dv, H, W))  # concat heads, W^O
+        if self.pool_attention:  # W^O is 1x1 and bilinear weights sum to 1: they commute
+            o = upsample_pooled(o, [(n - 1) // self.stride + 1 for n in x.shape[2:]])
+        return o if self.conv is None else torch.cat([self.conv(x), o], dim=1)
+
+
+# %%
+def positional_map(layer, x, query):
+    """For one query pixel (y, x) of input x (1, C, H, W): its content logits q_i . k_j, its
+    position logits q_i . (r^H + r^W), and its attention weights, each (Nh, H, W)."""
+    with torch.no_grad():
+        a = layer.attention_input(x)
+        H, W = a.shape[2:]
+        q, k, _ = layer.queries_keys_values(a)
+        i = query[0] * W + query[1]
+        content = (q @ k.transpose(2, 3))[0, :, i].view(-1, H, W)
+        position = torch.zeros_like(content)
+        if layer.relative:
+            rel_h, rel_w = layer.relative_logits(q, H, W)
+            position = rel_h[0, :, i, :, None] + rel_w[0, :, i, None, :]  # (Nh, H, W)
+        weights = layer.logits(q, k, H, W).softmax(-1)[0, :, i].view(-1, H, W)
+    return content, position, weights
+
+
+def naive_logits(layer, q, k, H, W):
+    """Eq. 3 written out, one (query, key) pair at a time, for checks: (B, Nh, N, N)."""
+    out = torch.zeros(*q.shape[:2], H * W, H * W, dtype=q.dtype)
+    for i, j in ((i, j) for i in range(H * W) for j in range(H * W)):
+        (iy, ix), (jy, jx), key = divmod(i, W), divmod(j, W), k[:, :, j]
+        if layer.relative:  # table row = offset + (max - 1)
+            key = key + layer.key_rel_w[jx - ix + layer.max_w - 1] + layer.key_rel_h[
+                jy - iy + layer.max_h - 1]
+        out[:, :, i, j] = (q[:, :, i] * key).sum(-1)
+    return out
+
+
+def demo_relative_logits(query=(2, 5), relative=True, x=None, query_bias=None):
+    """What one query pixel of a random image x sees, per head: content logits, position logits
+    (a row profile plus a column profile: r^H + r^W) and the attention weights."""
+    from matplotlib.figure import Figure
+    torch.manual_seed(0)
+    layer = AugmentedConv2d(8, 16, 3, dk=16, dv=8, num_heads=4, relative=relative, max_size=8)
+    x = torch.randn(1, 8, 8, 8) if x is None else x
+    if query_bias is not None:
+        layer.qkv.bias.data[:16] = query_bias
+    content, position, weights = positional_map(layer, x, query)
+    with torch.no_grad():
+        q, k, _ = layer.queries_keys_values(x)
+        err = (layer.logits(q, k, 8, 8) - naive_logits(layer, q, k, 8, 8)).abs().max().item()
+    print(f"eq. 3 by rel_to_abs vs a per-pair loop: max |difference| {err:.1e}")
+    fig = Figure(figsize=(7.5, 9))
+    axes = fig.subplots(layer.num_heads, 3, squeeze=False)
+    for h in range(layer.num_heads):
+        for c, (name, m) in enumerate((("content q.k", content), ("position q.(r^H+r^W)",
+                                        position), ("attention weights", weights))):
+            ax = axes[h, c]
+            ax.imshow(m[h].numpy(), cmap="viridis")
+            ax.plot([query[1]], [query[0]], "rx", ms=8, mew=2)
+            ax.set_title(f"head {h + 1}: {name}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"query pixel {query} (x) of an 8x8 input, random init", fontsize=10)
+    utils.show(fig, "demo_relative_logits")
+    return {"eq3_max_abs_error": err, "position_spread": position.std().item()}
+
+
+if utils.in_notebook():
+    demo_relative_logits()
+
+# %%
+def demo_branches(dk=8):
+    """The layer's output on a simple image, split into its conv and its attention channels."""
+    from matplotlib.figure import Figure
+    torch.manual_seed(0)
+    layer = AugmentedConv2d(3, 12, 3, dk=dk, dv=6, num_heads=2, max_size=16)
+    yy, xx = torch.meshgrid(torch.arange(16.), torch.arange(16.), indexing="ij")
+    img = ((yy - 5) ** 2 + (xx - 5) ** 2 < 12).float() + ((yy > 10) & (xx > 3)).float() * 0.6
+    x = img.expand(1, 3, 16, 16)                                  # a disc and a bar, grey
+    with torch.no_grad():
+        out = layer(x)
+        conv_part, attn_part = out[0, :6], out[0, 6:]
+        same = torch.equal(conv_part, layer.conv(x)[0])
+    # spatial spread of each channel: at init attention is near uniform, so its maps are smooth
+    spread = {"conv": conv_part.flatten(1).std(1).mean().item(),
+              "attention": attn_part.flatten(1).std(1).mean().item()}
+    print(f"output channels 0-5 == Conv(X): {same}; mean spatial std of a channel: conv "
+          f"{spread['conv']:.3f}, attention {spread['attention']:.3f} (near-uniform at init)")
+    fig, vmax = Figure(figsize=(9, 3.4)), out.abs().max().item()
+    axes = fig.subplots(2, 4)
+    axes[0, 0].imshow(img.numpy(), cmap="gray")
+    axes[0, 0].set_title("input", fontsize=8)
+    axes[1, 0].axis("off")
+    for c in range(3):
+        for r, (name, part) in enumerate((("Conv(X)", conv_part), ("MHA(X)", attn_part))):
+            axes[r, c + 1].imshow(part[c].numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+            axes[r, c + 1].set_title(f"{name} channel {c + 1}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle("AAConv(X) = Concat[Conv(X), MHA(X)], 6 + 6 channels, one colour scale: at "
+                 "init attention is near uniform, its channels near constant", fontsize=9)
+    utils.show(fig, "demo_branches")
+    return {"conv_channels_equal_conv": same, "spatial_std": spread}
+
+
+if utils.in_notebook():
+    demo_branches()
+
+# %% [markdown]
+# ### Optional: blockwise attention (the same function, no N x N tensor kept)
+#
+# `AugmentedConv2d.attention` materialises the (B, Nh, N, N) logits and keeps the softmax
+# weights for the backward pass: memory grows as $N^2$, and on a CPU the traffic through
+# memory, not the arithmetic, is the cost. `BlockwiseAttention` (the idea of FlashAttention,
+# Dao et al. 2022, in plain PyTorch) computes blocks of complete query rows while they sit in
+# the cache, keeps only q, k, v, the position terms and the output, and recomputes each block's
+# weights in its hand-written backward. Skip this section on a first reading: the tests check
+# that it equals the simple form (values, every gradient, a float64 gradcheck with split rows).
+
+# %%
 def wide_matmul(a, b):
-    """a @ b for a product with a narrow result (..., N, d), d = dkh or dvh: computed as (b^T a^T)^T, the same sums
-    with a wide (..., d, N) result, which CPU BLAS ran 3-8x faster (measured: torch 2.15, one AVX-512 core)."""
+    """a @ b with a narrow result (..., N, d) computed as (b^T a^T)^T: the same sums, which CPU
+    BLAS ran 3-8x faster with the wide (..., d, N) result (torch 2.15, one AVX-512 core)."""
     return (b.transpose(-2, -1) @ a.transpose(-2, -1)).transpose(-2, -1)
 
 
 class BlockwiseAttention(torch.autograd.Function):
-    """softmax(q k^T + relative logits) v, computed block by block so that no (N x N) tensor is ever stored.
-
-    The simple form (AugmentedConv2d.attention_reference) materialises the (B, Nh, N, N) logits, keeps the softmax
-    weights for the backward pass and streams several N x N tensors through memory: on a CPU that memory traffic, not
-    arithmetic, is the cost. Here (the idea of FlashAttention, Dao et al. 2022, in plain PyTorch) each block of
-    complete query rows, ~1 MiB, is computed while it sits in the cache; the forward keeps only q, k, v, the
-    relative logits and the output, and the backward recomputes each block's weights. Same equations, same result up
-    to float rounding: tests compare it with the simple form and run a float64 gradcheck.
-
-    q, k: (G, N, dkh), q already scaled by dkh^-0.5; v: (G, N, dvh); G = B * Nh heads, N = H * W pixels.
-    rel_h: (G, N, H), rel_h[g, i, y'] = q_i . r^H_{y' - i_y}; rel_w: (G, N, W), rel_w[g, i, x'] = q_i . r^W_{x' - i_x}.
-    (None, None) for attention without relative logits. Returns (G, N, dvh)."""
+    """softmax(q k^T + position logits) v, block by block. q, k: (G, N, dkh), q scaled;
+    v: (G, N, dvh); rel_h: (G, N, H), rel_w: (G, N, W) as AugmentedConv2d.relative_logits gives
+    them (None, None without relative logits). Returns (G, N, dvh)."""
 
     BLOCK_ELEMENTS = 2 ** 18  # logits per block: 1 MiB of float32, about one core's L2 cache
 
     @staticmethod
     def blocks(G, N):
-        """(head slice, row slice) pairs that cover the G x N query rows in blocks of ~BLOCK_ELEMENTS logits."""
-        budget = BlockwiseAttention.BLOCK_ELEMENTS
-        heads = max(1, budget // (N * N))
-        rows = min(N, max(1, budget // N))
-        return [(slice(g, g + heads), slice(r, r + rows)) for g in range(0, G, heads) for r in range(0, N, rows)]
+        """(head slice, row slice) pairs covering the G x N query rows, ~BLOCK_ELEMENTS each."""
+        heads = max(1, BlockwiseAttention.BLOCK_ELEMENTS // (N * N))
+        rows = min(N, max(1, BlockwiseAttention.BLOCK_ELEMENTS // N))
+        return [(slice(g, g + heads), slice(r, r + rows))
+                for g in range(0, G, heads) for r in range(0, N, rows)]
 
     @staticmethod
     def weights(q, k, rel_h, rel_w, HW):
-        """Softmax weights of one block: (g, r, N), eq. 1 with the logits of eq. 3."""
-        s = q @ k.transpose(1, 2)                                           # (g, r, N) content logits q_i . k_j
+        """Softmax weights of one block (g, r, N): eq. 1 with the logits of eq. 3."""
+        s = q @ k.transpose(1, 2)                                         # (g, r, N)
         if rel_h is not None:
             g, r, N = s.shape
-            s = (s.view(g, r, *HW) + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).view(g, r, N)  # + r^H + r^W terms
+            s = (s.view(g, r, *HW) + rel_h[..., None] + rel_w[..., None, :]).view(g, r, N)
         return s.softmax(dim=-1)
 
     @staticmethod
@@ -258,7 +343,8 @@ class BlockwiseAttention(torch.autograd.Function):
         o = v.new_empty(G, N, v.shape[-1])
         for hs, rs in BlockwiseAttention.blocks(G, N):
             rh, rw = (None, None) if rel_h is None else (rel_h[hs, rs], rel_w[hs, rs])
-            o[hs, rs] = wide_matmul(BlockwiseAttention.weights(q[hs, rs], k[hs], rh, rw, (H, W)), v[hs])  # (g, r, dvh)
+            p = BlockwiseAttention.weights(q[hs, rs], k[hs], rh, rw, (H, W))  # (g, r, N)
+            o[hs, rs] = wide_matmul(p, v[hs])                                 # (g, r, dvh)
         ctx.save_for_backward(q, k, v, rel_h, rel_w, o)
         ctx.HW = (H, W)
         return o
@@ -270,556 +356,642 @@ class BlockwiseAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         drel_h = None if rel_h is None else torch.empty_like(rel_h)
         drel_w = None if rel_w is None else torch.empty_like(rel_w)
-        delta = (do * o).sum(-1, keepdim=True)                              # (G, N, 1) = sum_j p_ij dp_ij
+        delta = (do * o).sum(-1, keepdim=True)                  # (G, N, 1) = sum_j p_ij dp_ij
         for hs, rs in BlockwiseAttention.blocks(*q.shape[:2]):
             rh, rw = (None, None) if rel_h is None else (rel_h[hs, rs], rel_w[hs, rs])
-            p = BlockwiseAttention.weights(q[hs, rs], k[hs], rh, rw, ctx.HW)  # (g, r, N), recomputed
-            dv[hs] += wide_matmul(p.transpose(1, 2), do[hs, rs])            # o = p v
-            ds = p * (do[hs, rs] @ v[hs].transpose(1, 2) - delta[hs, rs])   # softmax backward: (g, r, N)
+            p = BlockwiseAttention.weights(q[hs, rs], k[hs], rh, rw, ctx.HW)  # recomputed
+            dv[hs] += wide_matmul(p.transpose(1, 2), do[hs, rs])              # o = p v
+            ds = p * (do[hs, rs] @ v[hs].transpose(1, 2) - delta[hs, rs])     # softmax backward
             if rel_h is not None:
-                d = ds.view(*ds.shape[:2], *ctx.HW)                         # (g, r, H, W): the key's (y', x')
-                drel_h[hs, rs], drel_w[hs, rs] = d.sum(3), d.sum(2)         # each term was broadcast over one axis
-            dq[hs, rs] = wide_matmul(ds, k[hs])                             # s = q k^T
+                d = ds.view(*ds.shape[:2], *ctx.HW)             # (g, r, H, W): the key's (y', x')
+                drel_h[hs, rs], drel_w[hs, rs] = d.sum(3), d.sum(2)  # each was broadcast
+            dq[hs, rs] = wide_matmul(ds, k[hs])                 # s = q k^T
             dk[hs] += wide_matmul(ds.transpose(1, 2), q[hs, rs])
         return dq, dk, dv, drel_h, drel_w, None, None
 
 
-class AugmentedConv2d(nn.Module):
-    """Attention-augmented convolution (paper Sec. 3.2): Concat[Conv(X), MHA(X)] on the channel axis.
+class BlockwiseAugmentedConv2d(AugmentedConv2d):
+    """AugmentedConv2d whose attention runs through BlockwiseAttention: same weights, same
+    function, O(N (d + H + W)) memory per head instead of O(N^2)."""
 
-    out_channels - dv channels come from a k x k convolution, dv from multi-head self-attention over all pixels with
-    dk key/query channels split over num_heads heads. relative=True adds 2D relative position logits (Sec. 3.1.2)
-    for grids up to `max_size` (an int or (H_in, W_in) of the largest input); smaller grids use the central rows of
-    the tables, which are shared across heads as in the paper's code. dv = dk = 0 is exactly
-    nn.Conv2d(in, out, k, stride, padding=k//2).
-
-    pool_attention=True is the paper's memory saver for its largest feature maps (Sec. 4.2): the attention input is
-    3x3 average pooled with stride 2 (N/4 pixels, N^2/16 logits), and the attention output is upsampled back by
-    bilinear interpolation (`upsample_pooled`) before the concatenation.
-
-    stride > 1 (a downsampling layer) is NOT described by the paper, whose code has no stride. Here the conv branch
-    strides as usual and the attention branch attends on the output grid: its input is k x k average pooled with the
-    same stride (padding k//2, padding not counted, as TensorFlow's 'SAME' pooling), so both branches land on the
-    same grid and nothing needs upsampling. Attending at full resolution and subsampling the output would spend
-    stride^4 times the logits on values that are then thrown away.
-
-    fast=True computes the attention with `BlockwiseAttention` (no N x N tensor stored); fast=False with the simple
-    form `attention_reference`, which tests use as the reference and --bench as the "before" layer.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size, *, dk, dv, num_heads, relative=True, stride=1,
-                 pool_attention=False, max_size=32, bias=True, fast=True):
-        super().__init__()
-        assert kernel_size % 2 == 1, f"kernel_size must be odd so the output keeps the grid (padding k//2), got {kernel_size}"
-        assert 0 <= dv <= out_channels, f"dv={dv} must be in [0, out_channels={out_channels}]: dv channels of the output come from attention"
-        assert dk >= 0 and (dk > 0) == (dv > 0), f"dk={dk}, dv={dv}: either both > 0 (attention branch) or both 0 (plain conv)"
-        assert num_heads >= 1, f"num_heads must be >= 1, got {num_heads}"
-        assert dk % num_heads == 0, f"dk={dk} must be divisible by num_heads={num_heads}: each head gets dk/Nh key dims"
-        assert dv % num_heads == 0, f"dv={dv} must be divisible by num_heads={num_heads}: each head gets dv/Nh value dims"
-        assert stride >= 1, f"stride must be >= 1, got {stride}"
-        self.dk, self.dv, self.num_heads, self.relative, self.stride = dk, dv, num_heads, relative, stride
-        self.kernel_size, self.pool_attention, self.fast = kernel_size, pool_attention, fast
-        # conv branch: out_channels - dv output channels (None when upsilon = 1, i.e. fully attentional)
-        self.conv = (nn.Conv2d(in_channels, out_channels - dv, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
-                     if out_channels > dv else None)
-        if dv == 0:
-            return
-        self.qkv = nn.Conv2d(in_channels, 2 * dk + dv, 1, bias=bias)  # W_q, W_k, W_v of eq. 1 as one 1x1 conv
-        self.attn_out = nn.Conv2d(dv, dv, 1, bias=bias)                # W^O of eq. 2
-        if relative:
-            max_h, max_w = (max_size, max_size) if isinstance(max_size, int) else max_size
-            # the tables are sized for the grid attention works on: the output grid, halved again when pooled
-            self.max_h, self.max_w = (pooled_size(pooled_size(n, stride), 2 if pool_attention else 1) for n in (max_h, max_w))
-            dkh = dk // num_heads
-            # r^H and r^W of eq. 3: one row per relative offset -(H-1)..H-1 and -(W-1)..W-1 (init as the paper's code)
-            self.key_rel_h = nn.Parameter(torch.randn(2 * self.max_h - 1, dkh) * dkh ** -0.5)
-            self.key_rel_w = nn.Parameter(torch.randn(2 * self.max_w - 1, dkh) * dkh ** -0.5)
-
-    def attention_input(self, x):
-        """The grid attention works on: x, k x k average pooled when strided, then 3x3/2 pooled when pool_attention."""
-        if self.stride > 1:
-            x = F.avg_pool2d(x, self.kernel_size, self.stride, padding=self.kernel_size // 2, count_include_pad=False)
-        if self.pool_attention:
-            x = F.avg_pool2d(x, 3, 2, padding=1, count_include_pad=False)
-        return x
-
-    def queries_keys_values(self, x):
-        """x: (B, C, H, W) attention input -> q (scaled by dkh^-0.5), k: (B, Nh, N, dkh) and v: (B, Nh, N, dvh)."""
-        B, _, H, W = x.shape
-        Nh, N = self.num_heads, H * W
-        q, k, v = self.qkv(x).split([self.dk, self.dk, self.dv], dim=1)  # (B, dk|dk|dv, H, W)
-        q = q.reshape(B, Nh, self.dk // Nh, N).transpose(2, 3)           # (B, Nh, N, dkh)
-        k = k.reshape(B, Nh, self.dk // Nh, N).transpose(2, 3)           # (B, Nh, N, dkh)
-        v = v.reshape(B, Nh, self.dv // Nh, N).transpose(2, 3)           # (B, Nh, N, dvh)
-        return q * (self.dk // Nh) ** -0.5, k, v  # eq. 1/3: 1/sqrt(dkh) scales content and relative logits alike
-
-    def relative_logits(self, q, H, W):
-        """2D relative logits (eq. 3), in broadcastable form: q: (B, Nh, N, dkh) ->
-        rel_h: (B, Nh, H, W, H, 1) = q_i . r^H_{j_y - i_y},  rel_w: (B, Nh, H, W, 1, W) = q_i . r^W_{j_x - i_x}.
-        Added to the (B, Nh, H, W, H, W) view of the content logits they broadcast; never repeated in memory."""
-        assert H <= self.max_h and W <= self.max_w, (
-            f"attention grid {H}x{W} is larger than the relative embeddings ({self.max_h}x{self.max_w}); "
-            f"build the layer with max_size=(H_in, W_in) of the largest input")
-        B, Nh, _, dkh = q.shape
-        q = q.reshape(B, Nh, H, W, dkh)                                   # (B, Nh, H, W, dkh)
-        # the tables hold offsets up to the largest grid; a smaller grid uses the centre rows (offsets -(W-1)..W-1)
-        rel_w_table = self.key_rel_w[self.max_w - W: self.max_w + W - 1]  # (2W-1, dkh)
-        rel_h_table = self.key_rel_h[self.max_h - H: self.max_h + H - 1]  # (2H-1, dkh)
-        rel_w = relative_logits_1d(q, rel_w_table)                        # (B, Nh, H, W, W):  [y, x, x']
-        rel_h = relative_logits_1d(q.transpose(2, 3), rel_h_table)        # (B, Nh, W, H, H):  [x, y, y']
-        rel_h = rel_h.transpose(2, 3)                                     # (B, Nh, H, W, H):  [y, x, y']
-        return rel_h.unsqueeze(-1), rel_w.unsqueeze(-2)                   # (B,Nh,H,W,H,1), (B,Nh,H,W,1,W)
-
-    def attention_logits(self, q, k, H, W):
-        """Content + relative logits (eq. 3): (B, Nh, N, N); row i = query pixel i, column j = key pixel j."""
+    def attention(self, q, k, v, H, W):
         B, Nh, N, _ = q.shape
-        logits = q @ k.transpose(2, 3)                                    # (B, Nh, N, N) content term q_i . k_j
-        if self.relative:
-            rel_h, rel_w = self.relative_logits(q, H, W)
-            # add in place through a (B, Nh, H, W, H, W) view: rel_h broadcasts over the key's x, rel_w over its y
-            logits.view(B, Nh, H, W, H, W).add_(rel_h).add_(rel_w)
-        return logits
-
-    def attention_reference(self, q, k, v, H, W):
-        """The simple form of eq. 1: softmax over the materialised (B, Nh, N, N) logits, times v -> (B, Nh, N, dvh)."""
-        return self.attention_logits(q, k, H, W).softmax(dim=-1) @ v
-
-    def attention_fast(self, q, k, v, H, W):
-        """The same as attention_reference, by BlockwiseAttention: (B, Nh, N, dvh), no N x N tensor kept."""
-        B, Nh, N, _ = q.shape
-        rel_h = rel_w = None
-        if self.relative:
-            rel_h, rel_w = (t.reshape(B * Nh, N, -1) for t in self.relative_logits(q, H, W))  # (G, N, H), (G, N, W)
-        flat = lambda t: t.reshape(B * Nh, N, t.shape[-1])                                    # (G, N, d)
+        flat = lambda t: t.reshape(B * Nh, N, t.shape[-1])                # noqa: E731 (G, N, d)
+        rel_h, rel_w = map(flat, self.relative_logits(q, H, W)) if self.relative else (None,) * 2
         o = BlockwiseAttention.apply(flat(q), flat(k), flat(v), rel_h, rel_w, H, W)
-        return o.view(B, Nh, N, -1)                                                           # (B, Nh, N, dvh)
-
-    def attention_maps(self, x):
-        """Softmax attention weights (B, Nh, N, N) for input x (B, C, H_in, W_in); for plots and tests."""
-        a = self.attention_input(x)
-        q, k, _ = self.queries_keys_values(a)
-        return self.attention_logits(q, k, a.shape[2], a.shape[3]).softmax(dim=-1)
-
-    def attend(self, x):
-        """The attention branch MHA(X) of eq. 2: (B, C, H_in, W_in) -> (B, dv, H', W') on the conv's output grid."""
-        a = self.attention_input(x)
-        B, _, H, W = a.shape
-        q, k, v = self.queries_keys_values(a)
-        o = (self.attention_fast if self.fast else self.attention_reference)(q, k, v, H, W)  # (B, Nh, N, dvh)
-        o = o.transpose(2, 3).reshape(B, self.dv, H, W)                   # (B, dv, H, W): heads concatenated
-        o = self.attn_out(o)                                              # W^O of eq. 2
-        if self.pool_attention:  # back to the output grid (W^O is 1x1 and bilinear weights sum to 1: they commute)
-            o = upsample_pooled(o, [pooled_size(n, self.stride) for n in x.shape[2:]])
-        return o
-
-    def forward(self, x):
-        if self.dv == 0:
-            return self.conv(x)                                           # upsilon = 0: a plain convolution
-        att = self.attend(x)                                              # (B, dv, H', W')
-        if self.conv is None:
-            return att                                                    # upsilon = 1: fully attentional
-        return torch.cat([self.conv(x), att], dim=1)                      # (B, out_channels, H', W'), Sec. 3.2
+        return o.view(B, Nh, N, -1)                                         # (B, Nh, N, dvh)
 
 
-# ------------------------------------------------------------------------------------------------ model
+# %%
+def saved_mb(fn):
+    """MB that autograd keeps for the backward pass while fn() runs."""
+    nbytes = [0]
 
+    def pack(t):
+        nbytes[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return nbytes[0] / 2**20
+
+
+def demo_blockwise(grids=(8, 16, 24, 32), block_elements=100):
+    """The blockwise path equals the simple one (blocks of block_elements logits: 2 query rows
+    of the 6x7 grid), and what each keeps for the backward pass as the grid grows."""
+    from matplotlib.figure import Figure
+    torch.manual_seed(0)
+    simple = AugmentedConv2d(4, 16, 3, dk=8, dv=8, num_heads=2, max_size=32)
+    fast = BlockwiseAugmentedConv2d(4, 16, 3, dk=8, dv=8, num_heads=2, max_size=32)
+    fast.load_state_dict(simple.state_dict())
+    x = torch.randn(2, 4, 6, 7)
+    block = BlockwiseAttention.BLOCK_ELEMENTS
+    BlockwiseAttention.BLOCK_ELEMENTS = block_elements
+    try:
+        outs = []
+        for layer in (simple, fast):
+            xx = x.clone().requires_grad_()
+            y = layer(xx)
+            y.square().sum().backward()
+            outs.append((y, xx.grad, layer.key_rel_h.grad))
+        n_blocks = len(BlockwiseAttention.blocks(4, 42))
+    finally:
+        BlockwiseAttention.BLOCK_ELEMENTS = block
+    errs = [(a - b).abs().max().item() for a, b in zip(*outs)]
+    print(f"simple vs blockwise, {n_blocks} blocks of query rows: max |difference| output "
+          f"{errs[0]:.1e}, input gradient {errs[1]:.1e}, r^H gradient {errs[2]:.1e}")
+    saved = {"simple": [], "blockwise": []}
+    for side in grids:
+        x = torch.randn(1, 4, side, side, requires_grad=True)
+        for name, layer in (("simple", simple), ("blockwise", fast)):
+            saved[name].append(saved_mb(lambda: layer(x)))
+    print("saved for backward (MB) at grids", grids, {k: [round(v, 2) for v in vs]
+                                                     for k, vs in saved.items()})
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    for name, mb in saved.items():
+        ax.plot([g * g for g in grids], mb, "o-", label=name)
+    ax.set_xlabel("pixels N = H x W (batch 1, 2 heads)")
+    ax.set_ylabel("MB saved for backward")
+    ax.legend()
+    ax.set_title("simple form keeps O(N^2), blockwise O(N)", fontsize=9)
+    utils.show(fig, "demo_blockwise")
+    return {"max_abs_error": errs, "blocks": n_blocks, "saved_mb": saved, "grids": list(grids)}
+
+
+if utils.in_notebook():
+    demo_blockwise()
+
+# %% [markdown]
+# ## 3. The paper's CIFAR model: an augmented pre-activation ResNet (Sec. 4.1)
+#
+# On CIFAR the paper augments "the first convolution of all residual blocks" of a Wide-ResNet,
+# whose blocks are pre-activation (BN-ReLU-conv-BN-ReLU-conv, plus the shortcut). Its rule for
+# the split is $N_h = 8$, $\kappa = 2\upsilon = 0.2$ and at least 20 key dims per head;
+# `aa_channels` turns $\kappa$, $\upsilon$ into $(d_k, d_v)$ for a layer of $F_{out}$ channels.
+
+# %%
 def aa_channels(f_out, *, num_heads, kappa, upsilon, min_dkh=0):
-    """(dk, dv) for a layer with f_out output channels: kappa*F_out and upsilon*F_out rounded to a multiple of Nh
-    (at least one dim per head); dk at least min_dkh per head (the paper's CIFAR runs use 20)."""
-    to_heads = lambda c: max(num_heads, num_heads * round(c / num_heads))
-    dk = max(to_heads(kappa * f_out), min_dkh * num_heads)
+    """(dk, dv): kappa*F_out and upsilon*F_out rounded to a multiple of Nh (at least one per
+    head when > 0); dk at least min_dkh per head (the paper's CIFAR runs: 20)."""
+    to_heads = lambda c: num_heads * max(1, round(c / num_heads)) if c > 0 else 0  # noqa: E731
     dv = min(to_heads(upsilon * f_out), f_out // num_heads * num_heads)
+    dk = max(to_heads(kappa * f_out), min_dkh * num_heads) if dv else 0
     return dk, dv
 
 
-class BasicBlock(nn.Module):
-    """Post-activation ResNet block: conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU. With `aa` (dict of
-    AugmentedConv2d keyword args) its FIRST convolution is attention-augmented, as the paper does on CIFAR."""
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv1-BN-ReLU-conv3x3 + shortcut (He et al. 2016, the Wide-ResNet's block).
+    conv1 is the block's first 3x3 conv: nn.Conv2d, or an AugmentedConv2d for AA."""
 
-    def __init__(self, in_ch, out_ch, *, stride, aa=None, max_size=32):
+    def __init__(self, conv1, in_ch, out_ch, *, stride):
         super().__init__()
-        if aa:
-            self.conv1 = AugmentedConv2d(in_ch, out_ch, 3, stride=stride, bias=False, max_size=max_size, **aa)
-        else:
-            self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_ch), conv1
         self.bn2 = nn.BatchNorm2d(out_ch)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_ch != out_ch:  # projection shortcut when the shape changes
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        # a 1x1 projection of the pre-activated input when the shape changes (as the WRN)
+        self.shortcut = (nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+                         if stride != 1 or in_ch != out_ch else None)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        a = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(a)
+        return self.conv2(F.relu(self.bn2(self.conv1(a)))) + skip
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet: 3x3 stem, three stages (stride 1, 2, 2), global average pool, linear head. Blocks of the stages
-    in aa_stages get an attention-augmented first conv (none: the baseline); in pool_stages its attention input is
-    pooled and its output upsampled (the paper's memory saver for the largest grids)."""
+    """CIFAR pre-activation ResNet: 3x3 stem, three stages (stride 1, 2, 2), BN-ReLU, global
+    average pool, linear head. Stages in aa_stages get an augmented first conv in every block
+    (pooled attention in pool_stages); none: the baseline."""
 
-    def __init__(self, *, num_classes, widths=(32, 64, 128), blocks=(1, 1, 1), aa_stages=(), pool_stages=(),
-                 num_heads=4, kappa=0.5, upsilon=0.25, min_dkh=0, relative=True, image_size=32):
+    def __init__(self, *, num_classes, widths, blocks, aa_stages=(), pool_stages=(), num_heads=8,
+                 kappa=0.2, upsilon=0.1, min_dkh=0, relative=True, bias=True, image_size=32,
+                 layer=BlockwiseAugmentedConv2d, channels_last=True):
         super().__init__()
-        assert len(widths) == len(blocks) == 3, f"widths {widths} and blocks {blocks} must both have 3 stages"
-        assert all(s in (1, 2, 3) for s in (*aa_stages, *pool_stages)), f"stages {aa_stages} {pool_stages} must be 1, 2 or 3"
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        assert len(widths) == len(blocks) == 3, f"widths {widths}, blocks {blocks}: 3 stages"
+        assert set(aa_stages) | set(pool_stages) <= {1, 2, 3}, "stages are 1, 2 or 3"
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
         layers, in_ch, size = [], widths[0], image_size
         for stage, (w, n) in enumerate(zip(widths, blocks), start=1):
             for b in range(n):
                 stride = 2 if stage > 1 and b == 0 else 1
-                aa = None
                 if stage in aa_stages:
-                    dk, dv = aa_channels(w, num_heads=num_heads, kappa=kappa, upsilon=upsilon, min_dkh=min_dkh)
-                    aa = dict(dk=dk, dv=dv, num_heads=num_heads, relative=relative, pool_attention=stage in pool_stages)
-                layers.append(BasicBlock(in_ch, w, stride=stride, aa=aa, max_size=size))
-                in_ch, size = w, pooled_size(size, stride)
+                    dk, dv = aa_channels(w, num_heads=num_heads, kappa=kappa, upsilon=upsilon,
+                                         min_dkh=min_dkh)
+                    conv1 = layer(in_ch, w, 3, dk=dk, dv=dv, num_heads=num_heads, stride=stride,
+                                  relative=relative, pool_attention=stage in pool_stages,
+                                  max_size=size, bias=bias)
+                else:
+                    conv1 = nn.Conv2d(in_ch, w, 3, stride=stride, padding=1, bias=False)
+                layers.append(PreActBlock(conv1, in_ch, w, stride=stride))
+                in_ch, size = w, (size - 1) // stride + 1
         self.blocks = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(in_ch)
         self.head = nn.Linear(in_ch, num_classes)
-        # channels-last (B, H, W, C) storage: the same numbers, but CPU (oneDNN) convolutions ran 1.45x faster in
-        # training (measured, this 2-core machine); GPUs with mixed precision prefer it too
-        self.to(memory_format=torch.channels_last)
+        # channels-last storage: the same numbers; see --bench for its speed on this machine
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
 
     def forward(self, x):
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = self.blocks(self.stem(x))               # (B, C, H/4, W/4)
-        return self.head(x.mean(dim=(2, 3)))        # (B, num_classes)
+        x = self.blocks(self.stem(x.contiguous(memory_format=self.memory_format)))
+        return self.head(F.relu(self.bn(x)).mean(dim=(2, 3)))  # (B, num_classes)
 
 
-def build_model(args, num_classes, *, augmented):
+# %% [markdown]
+# ## Exercises
+#
+# 1. **upsilon = 0.** Build `AugmentedConv2d(3, 12, 3, dk=0, dv=0, num_heads=1)` and predict
+#    what it is before you print it. *Expect:* exactly `nn.Conv2d(3, 12, 3, padding=1)`: the
+#    same parameter count, the same output with copied weights: the ResNet baseline's layer.
+# 2. **kappa = 0.** Run `demo_branches(dk=0)` (no queries or keys, still 6 value channels) and
+#    predict the attention channels. *Expect:* every logit is 0, every weight 1/N, so each
+#    attention channel is one constant, W^O of the image's mean value vector: the global context
+#    of squeeze-and-excitation, with no spatial structure (its printed spatial std is ~0).
+# 3. **No relative positions.** Run `demo_relative_logits(relative=False)`. *Expect:* the position
+#    column is 0 and the weights follow the content logits alone. Permute the pixels of an input
+#    and of the layer's output the same way: without relative logits they agree (permutation
+#    equivariance: the layer does not know where a pixel is); with them they do not.
+# 4. **The query bias.** Run `demo_relative_logits(x=torch.zeros(1, 8, 8, 8),
+#    query_bias=torch.randn(16))`, then again with `query=(5, 2)`. *Expect:* q_i = b_q at every
+#    pixel, so the content logits are flat and the position map is the same pattern, moved with
+#    the query: a preference by relative position that holds for every image. With
+#    `query_bias=None` (the initial 0) every logit is 0 and the weights are uniform.
+# 5. **Blocks.** Run `demo_blockwise(block_elements=42)`: one query row of the 6x7 grid per
+#    block, and `block_elements=10**6`: one block for all. *Expect:* 168 and 1 blocks and the
+#    same tiny differences (~1e-7, float rounding): the block size (`BLOCK_ELEMENTS`, 1 MiB of
+#    logits in training) trades speed and memory, never the result.
+
+# %% [markdown]
+# ---
+# # The lab
+#
+# Everything below runs the experiments: presets and command line, paired training runs,
+# `exp_*` (one per claim), figures and `main`. Paired arms: one seed gives both arms the same
+# training images, batch order, augmentation and initial value of every shared weight.
+
+# %%
+
+SHARED = dict(image_size=32, val_per_class=0, test_per_class=None, measure_batch=128,
+              bench_sizes=(32, 64), bench_batch=128, bench_steps=3, no_relative=False)
+PRESETS = {
+    # quick, 2-core CPU: a pre-activation ResNet-10 (widths 16/32/64, blocks 1/1/2), attention in
+    # stage 3 (8x8 grid, two AA layers: the strided first conv and the next block's). The paper's
+    # kappa = 2 upsilon = 0.2 with 8 heads gives a 64-channel layer 1.6 key and 0.8 value dims per
+    # head; we keep its >= 20 key dims per head and cut the heads: Nh = 2, dk = 40, dv = 16.
+    # seeds: fixed from the pilot (--experiment pilot) and the 10-minute budget (RESULTS.md).
+    "quick": dict(SHARED, widths=(16, 32, 64), blocks=(1, 1, 2), aa_stages=(3,), pool_stages=(),
+                  num_heads=2, kappa=0.5, upsilon=0.25, min_dkh=20, epochs=4, batch_size=64,
+                  lr=3e-3, weight_decay=0.05, optimizer="adamw", warmup_epochs=1.0, seeds=10,
+                  train_per_class=500, workers=2, threads=1, experiments=["compare", "maps"]),
+    # full, one GPU: the paper's CIFAR rule (Nh 8, kappa 0.2, upsilon 0.1, >= 20 key dims) in
+    # every block of a wide ResNet-14; the 32x32 stage pools its attention input. Not measured.
+    "full": dict(SHARED, widths=(128, 256, 512), blocks=(2, 2, 2), aa_stages=(1, 2, 3),
+                 pool_stages=(1,), num_heads=8, kappa=0.2, upsilon=0.1, min_dkh=20, epochs=100,
+                 batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd", warmup_epochs=5.0,
+                 seeds=5, train_per_class=None, workers=1, threads=None,
+                 experiments=["compare", "maps"]),
+}
+FLAGS = {
+    "seeds": "paired seeds --seed, --seed+1, ...; every arm trains on each",
+    "epochs": "epochs per run", "batch_size": "training batch", "lr": "peak learning rate",
+    "weight_decay": ("on kernels only (not biases, norms, r^H, r^W)", utils.nonneg_float),
+    "warmup_epochs": ("linear warmup, then cosine", utils.nonneg_float),
+    "optimizer": ("adamw, or sgd (Nesterov)", {"choices": ("adamw", "sgd")}),
+    "widths": "channels of the 3 stages", "blocks": "residual blocks per stage",
+    "aa_stages": "stages (1-3) whose blocks get an augmented first conv",
+    "pool_stages": ("AA stages that pool attention (Sec. 4.2)", utils.comma_list(int)),
+    "num_heads": "Nh", "kappa": "dk / F_out", "upsilon": "dv / F_out",
+    "min_dkh": ("at least this many key dims per head", utils.nonneg_int),
+    "no_relative": ("AA layers without relative position logits", {"action": "store_true"}),
+    "measure_batch": "batch of the memory column", "bench_sizes": "--bench grids (square)",
+    "bench_batch": "--bench batch (lowered where the simple form's logits would not fit)",
+    "bench_steps": "--bench timed steps per row",
+}
+EXPERIMENTS = ("compare", "maps", "bias", "pilot")
+AA, BASE, NO_BIAS = "AA-ResNet", "ResNet", "AA-ResNet (no bias)"
+PILOT_VAL_PER_CLASS = 500  # the pilot's validation split, carved from the training images
+EVAL_BATCH = 128           # images per evaluation batch
+
+
+def check(args):
+    if len(args.widths) != 3 or len(args.blocks) != 3:
+        raise utils.InputError(f"--widths {args.widths} and --blocks {args.blocks} need 3 values")
+    if not set(args.aa_stages) <= {1, 2, 3} or not set(args.pool_stages) <= set(args.aa_stages):
+        raise utils.InputError(f"--aa-stages {list(args.aa_stages)} must name stages 1-3 and "
+                               f"--pool-stages {list(args.pool_stages)} a subset of them")
+    if args.upsilon > 1:
+        raise utils.InputError(f"--upsilon {args.upsilon}: at most 1 (all channels attention)")
+    if "pilot" in args.experiments and args.val_per_class == 0 and (
+            "val_per_class" not in args.preset_keys):
+        raise utils.InputError("--experiment pilot needs a validation split: --val-per-class >= 1")
+
+
+def build_model(args, num_classes, *, aa, bias=True, **kw):
     return ResNet(num_classes=num_classes, widths=args.widths, blocks=args.blocks,
-                  aa_stages=args.aa_stages if augmented else (), pool_stages=args.pool_stages,
-                  num_heads=args.num_heads, kappa=args.kappa, upsilon=args.upsilon, min_dkh=args.min_dkh,
-                  relative=not args.no_relative, image_size=args.image_size)
+                  aa_stages=args.aa_stages if aa else (), pool_stages=args.pool_stages,
+                  num_heads=args.num_heads, kappa=args.kappa, upsilon=args.upsilon,
+                  min_dkh=args.min_dkh, relative=not args.no_relative, bias=bias,
+                  image_size=args.image_size, **kw)
 
 
 @torch.no_grad()
-def make_arm(args, num_classes, seed, *, augmented):
-    """One arm of a seed pair. Both arms draw the ResNet from `seed` first, so every weight they share starts equal:
-    the AA-ResNet takes the ResNet's value of every same-named tensor (stem, BatchNorms, second convs, shortcuts,
-    head) and, in each augmented conv, the ResNet conv's first F_out - dv filters for its conv branch (attention
-    takes the place of the other dv). Only the attention weights (q, k, v, W^O, r^H, r^W) are its own."""
+def make_arm(args, num_classes, seed, arm):
+    """One arm of a seed. The ResNet is drawn first, so every weight the arms share starts equal:
+    the AA-ResNet copies each same-named tensor, and in each augmented conv the ResNet conv's
+    first F_out - dv filters for its conv branch; only q, k, v, W^O, r^H, r^W are its own. The
+    no-bias arm copies the AA-ResNet's weights: with the biases at their initial 0, the two
+    compute the same function at step 0 and differ only in what the biases learn."""
     torch.manual_seed(seed)
-    base = build_model(args, num_classes, augmented=False)
-    if not augmented:
+    base = build_model(args, num_classes, aa=False)
+    if arm == BASE:
         return base
-    model = build_model(args, num_classes, augmented=True)  # attention weights: drawn after the ResNet's
+    model = build_model(args, num_classes, aa=True)  # attention weights: drawn after the ResNet's
     utils.copy_shared_init(base, model)
     for name, m in model.named_modules():
         if isinstance(m, AugmentedConv2d) and m.conv is not None:
             m.conv.weight.copy_(base.get_submodule(name).weight[:m.conv.out_channels])
+    if arm == NO_BIAS:
+        no_bias = build_model(args, num_classes, aa=True, bias=False)
+        utils.copy_shared_init(model, no_bias)
+        return no_bias
     return model
 
 
 def full_preset_models(num_classes=10):
-    """Every model the full preset trains, at its real size: name -> (model, step_fn or None, image_size).
-    tests/test_utils.py runs one bf16-autocast training step of each on a CPU, so a full GPU run is known to start."""
-    args = get_args([])
-    return {name: (make_arm(args, num_classes, 0, augmented=aug), None, args.image_size)
-            for name, aug in (("ResNet", False), ("AA-ResNet", True))}
+    """Every model the full preset trains, at full size: name -> (model, None, image_size)."""
+    args = utils.cli(__doc__, PRESETS, FLAGS, [], experiments=EXPERIMENTS)
+    return {arm: (make_arm(args, num_classes, 0, arm), None, args.image_size)
+            for arm in (BASE, AA)}
 
-
-# ------------------------------------------------------------------------------------------------ data
 
 def pin_counts(args, data):
-    """Fix the preset's image counts at what this dataset gave (utils shrinks them to fit a small dataset, with one
-    note), so that every worker process loads the same counts without fitting and printing again."""
-    per_class = lambda y: int(torch.bincount(y).min())
-    for key, y in (("train_per_class", data.y_train), ("val_per_class", data.y_val), ("test_per_class", data.y_test)):
+    """Fix the preset's image counts at what this dataset gave (utils fits them to a small
+    dataset, with one note), so every worker loads the same counts without printing again."""
+    per_class = lambda y: int(torch.bincount(y).min())  # noqa: E731
+    for key, y in (("train_per_class", data.y_train), ("val_per_class", data.y_val),
+                   ("test_per_class", data.y_test)):
         if key in args.preset_keys and getattr(args, key):
             setattr(args, key, per_class(y))
     args.preset_keys = [k for k in args.preset_keys if k not in utils.COUNT_FLAGS]
 
 
-def normalised(data, x_u8, device):
-    """uint8 test images -> the network's input, normalised as the loaders do."""
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1) * 255
-    std = torch.tensor(data.std).view(1, -1, 1, 1) * 255
-    return ((x_u8.float() - mean) / std).to(device)
+def uniform_attention(q, k, v, H, W):
+    """Every head's weights replaced by 1/N: each pixel gets the mean value vector."""
+    return v.mean(dim=2, keepdim=True).expand_as(v)
 
 
-# ------------------------------------------------------------------------------------------------ train
+def evaluate_uniform(model, loader):
+    """The trained network with all its attention weights set to uniform: is attention used?"""
+    layers = [m for m in model.modules() if isinstance(m, AugmentedConv2d) and m.dv]
+    for m in layers:
+        m.attention = uniform_attention
+    try:
+        return utils.evaluate(model, loader)
+    finally:
+        for m in layers:
+            del m.attention
 
-def train_arm(args, data, seed, augmented, split="test"):
-    """Train and score one arm of one seed. The seed fixes the data subset (already in `data`), the initial weights
-    (shared with the other arm, see make_arm) and the batches, so the two arms of a seed differ only by the
-    attention. Scores on the test split, or for the pilot on the validation split carved from train. Returns
-    numbers, plus the trained AA-ResNet's weights for the first seed (the maps experiment looks at them)."""
-    t0 = time.time()
-    device = utils.get_device(args.device)
-    model = make_arm(args, data.num_classes, seed, augmented=augmented).to(device)
-    train_loader, val_loader, test_loader = utils.make_loaders(data, batch_size=args.batch_size, device=device, seed=seed,
-                                                               eval_batch_size=EVAL_BATCH)
-    name = f"{ARMS[augmented]} seed {seed}"
-    hist = utils.train(model, train_loader, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                       optimizer=args.optimizer, warmup_epochs=args.warmup_epochs, name=name + " ",
-                       log=print if seed == args.seed else (lambda line: None))  # epoch lines of the first pair only
-    score = utils.evaluate(model, val_loader if split == "val" else test_loader)
-    speeds = sorted(h["img_per_s"] for h in hist)
-    res = dict(seed=seed, arm=ARMS[augmented], acc=score.acc, nll=score.nll, train_loss=hist[-1]["loss"],
-               train_acc=hist[-1]["train_acc"], img_per_s=speeds[len(speeds) // 2], images=len(data.y_train),
-               steps=args.epochs * len(train_loader), seconds=round(time.time() - t0, 1))
-    print(f"  [{name}] {split} {score.acc:.2f}% NLL {score.nll:.4f} | train loss {res['train_loss']:.3f} "
-          f"acc {res['train_acc']:.1f}% | {res['steps']} steps, {res['seconds']:.0f}s", flush=True)
-    if augmented and seed == args.seed:
-        res["state"] = {k: v.cpu() for k, v in model.state_dict().items()}
+
+def train_arm(args, data, seed, arm, split="test"):
+    """Train and score one arm of one seed (on test, or on validation for the pilot). The seed
+    fixes the data subset (already in `data`), the initial weights (make_arm) and the batches.
+    The AA-ResNet is also scored with uniform attention; seed args.seed keeps its weights."""
+    t0, device = time.time(), utils.get_device(args.device)
+    model = make_arm(args, data.num_classes, seed, arm).to(device)
+    train, val, test = utils.make_loaders(data, batch_size=args.batch_size, device=device,
+                                          seed=seed, eval_batch_size=EVAL_BATCH)
+    log = print if seed == args.seed else (lambda line: None)  # epoch lines of the first seed
+    hist = utils.train(model, train, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                       name=f"{arm} seed {seed} ", log=log)
+    t1 = time.time()
+    loader = val if split == "val" else test
+    score = utils.evaluate(model, loader)
+    res = dict(seed=seed, arm=arm, acc=score.acc, nll=score.nll, train_loss=hist[-1]["loss"],
+               train_acc=hist[-1]["train_acc"], img_per_s=statistics.median(
+                   h["img_per_s"] for h in hist), steps=args.epochs * len(train),
+               images=len(data.y_train), train_s=round(t1 - t0, 1))
+    if arm == AA:
+        res["acc_uniform"], res["nll_uniform"] = evaluate_uniform(model, loader)
+        if seed == args.seed:
+            res["state"] = {k: v.cpu() for k, v in model.state_dict().items()}
+    res["seconds"] = round(time.time() - t0, 1)
+    print(f"  [{arm} seed {seed}] {split} {score.acc:.2f}% NLL {score.nll:.4f} | train loss "
+          f"{res['train_loss']:.3f} acc {res['train_acc']:.1f}% | {res['steps']} steps, "
+          f"{res['seconds']:.0f}s", flush=True)
     return res
 
 
-def run_pair(args, seed, split="test"):
-    """One job for utils.run_jobs: the seed's data subset (loaded once) and both arms trained on it."""
+def run_seed(args, seed, arms, split):
+    """One job for utils.run_jobs: the seed's data subset, and every arm trained on it."""
     data = utils.data_from_args(args, seed=seed)
-    return [train_arm(args, data, seed, augmented, split) for augmented in (True, False)]
+    return [train_arm(args, data, seed, arm, split) for arm in arms]
 
 
-# ------------------------------------------------------------------------------------------------ experiments
-
-def arm_row(args, data, device, arm, runs):
-    """One line of the comparison table: size and cost of the arm's model, and its scores over the seeds."""
-    model = make_arm(args, data.num_classes, args.seed, augmented=arm == ARMS[True]).to(device)
-    shape = (3, args.image_size, args.image_size)
-    _, mem = utils.measure_step(model, shape, batch_size=args.measure_batch, num_classes=data.num_classes,
-                                steps=1, warmup=1, device=device)
-    speeds = sorted(r["img_per_s"] for r in runs)
-    return dict(model=arm, params=utils.count_params(model), flops=utils.count_flops(model, shape, device),
-                memory_mb=mem, img_per_s=speeds[len(speeds) // 2], acc=utils.mean_ci([r["acc"] for r in runs]),
-                nll=utils.mean_ci([r["nll"] for r in runs]), n=len(runs))
-
-
-def format_table(rows, split):
-    ci = lambda m, lo, hi, d: f"{m:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
-    head = (f"{'model':10s} {'params':>8s} {'MFLOPs':>7s} {'memory MB':>9s} {'img/s':>6s} "
-            f"{split + ' acc % [95% CI]':>24s} {split + ' NLL [95% CI]':>25s}  n")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['model']:10s} {r['params']:8d} {r['flops'] / 1e6:7.1f} {r['memory_mb']:9.1f} {r['img_per_s']:6.0f} "
-                     f"{ci(*r['acc'], 2):>24s} {ci(*r['nll'], 4):>25s}  {r['n']}")
-    return "\n".join(lines)
-
-
-def exp_compare(args, data, device, out, *, split="test"):
-    """AA-ResNet vs ResNet, paired: seeds args.seed .. args.seed + seeds - 1, both arms per seed, scored on the full
-    test split (or on validation, for the pilot). Verdicts by utils.compare_paired on accuracy and NLL."""
+def train_all(args, arms, split="test"):
     seeds = list(range(args.seed, args.seed + args.seeds))
-    print(f"== compare: {len(seeds)} paired seeds x 2 arms, {args.epochs} epochs each, {args.workers} worker(s), "
-          f"scored on {split} ==", flush=True)
-    runs = [r for pair in utils.run_jobs(run_pair, [(args, s, split) for s in seeds], workers=args.workers) for r in pair]
-    state = next(r.pop("state") for r in runs if "state" in r)
-    by = {(r["arm"], r["seed"]): r for r in runs}
-    rows = [arm_row(args, data, device, arm, [by[arm, s] for s in seeds]) for arm in (ARMS[False], ARMS[True])]
-    table = format_table(rows, split)
-    print("\n" + table)
-    aa_runs, base_runs = [by[ARMS[True], s] for s in seeds], [by[ARMS[False], s] for s in seeds]
-    verdicts = {
-        "acc": utils.compare_paired([r["acc"] for r in aa_runs], [r["acc"] for r in base_runs],
-                                    name_a=ARMS[True], name_b=ARMS[False], bound=1.0),
-        "nll": utils.compare_paired([r["nll"] for r in aa_runs], [r["nll"] for r in base_runs],
-                                    name_a=ARMS[True], name_b=ARMS[False], unit="nats", digits=3,
-                                    higher_is_better=False, bound=0.02)}
-    return dict(split=split, seeds=seeds, rows=rows, table=table, verdicts=verdicts, runs=runs), state
+    print(f"== {len(seeds)} paired seeds x {len(arms)} arms ({', '.join(arms)}), {args.epochs} "
+          f"epochs, {args.workers} worker(s), scored on {split} ==", flush=True)
+    jobs = [(args, s, arms, split) for s in seeds]
+    runs = [r for rs in utils.run_jobs(run_seed, jobs, workers=args.workers) for r in rs]
+    state = next((r.pop("state") for r in runs if "state" in r), None)
+    return {(r["arm"], r["seed"]): r for r in runs}, seeds, state
 
 
-def exp_pilot(args, data, device, out):
-    """Power planning, never on test: the paired design on a validation split carved from the training images.
-    The SD of the per-seed accuracy difference decides how many pairs a 95% CI half-width <= 1 point needs."""
-    res, _ = exp_compare(args, data, device, out, split="val")
-    d = res["verdicts"]["acc"]["per_pair"]
-    sd = statistics.stdev(d)
-    n_needed = next(n for n in range(2, 10 ** 4) if utils.t95(n - 1) * sd / math.sqrt(n) <= 1.0)
-    pair_s = sum(r["seconds"] for r in res["runs"]) / len(d)
-    res.update(sd_diff=sd, n_needed=n_needed, pair_cpu_s=pair_s)
-    print(f"pilot: per-seed differences {['%+.2f' % x for x in d]}, SD {sd:.2f} points -> {n_needed} pairs give a "
-          f"95% CI half-width <= 1 point; one pair costs {pair_s:.0f} CPU-seconds (~{n_needed * pair_s / 2:.0f} s "
-          f"of wall time on 2 workers)", flush=True)
+def verdicts(runs_a, runs_b, name_a, name_b, keys_b=("acc", "nll")):
+    """compare_paired on accuracy and NLL of two arms' runs (paired by seed), and the accuracy
+    verdict without the last 2 pairs: a verdict that flips with 2 pairs fewer is borderline."""
+    a = {k: [r[k] for r in runs_a] for k in ("acc", "nll")}
+    b = {k: [r[kb] for r in runs_b] for k, kb in zip(("acc", "nll"), keys_b)}
+    kw = dict(name_a=name_a, name_b=name_b)
+    out = {"acc": utils.compare_paired(a["acc"], b["acc"], bound=1.0, **kw),
+           "nll": utils.compare_paired(a["nll"], b["nll"], unit="nats", digits=3,
+                                       higher_is_better=False, bound=0.02, **kw)}
+    if len(runs_a) > 3:
+        out["acc_minus_2"] = utils.compare_paired(
+            a["acc"][:-2], b["acc"][:-2], bound=1.0, **kw,
+            log=lambda line: print(f"  with the first {len(runs_a) - 2} pairs only: {line}"))
+    return out
+
+
+def table(args, data, device, by, seeds, arms, split):
+    """Size, cost and scores of each arm: one row per arm."""
+    shape, rows = (3, args.image_size, args.image_size), []
+    for arm in arms:
+        model = make_arm(args, data.num_classes, args.seed, arm).to(device)
+        _, mem = utils.measure_step(model, shape, batch_size=args.measure_batch, steps=1,
+                                    warmup=1, num_classes=data.num_classes, device=device)
+        runs = [by[arm, s] for s in seeds]
+        rows.append(dict(model=arm, params=utils.count_params(model), memory_mb=mem,
+                         mflops=utils.count_flops(model, shape, device) / 1e6,
+                         img_per_s=statistics.median(r["img_per_s"] for r in runs),
+                         acc=utils.mean_ci([r["acc"] for r in runs]),
+                         nll=utils.mean_ci([r["nll"] for r in runs]), n=len(runs)))
+    head = (f"{'model':20s} {'params':>8s} {'MFLOPs':>6s} {'act. MB':>7s} {'img/s':>5s}  "
+            f"{split + ' acc % [95% CI]':22s} {split + ' NLL [95% CI]':25s} n")
+    lines = [head] + [f"{r['model']:20s} {r['params']:8,d} {r['mflops']:6.1f} "
+                      f"{r['memory_mb']:7.0f} {r['img_per_s']:5.0f}  "
+                      f"{utils.fmt_ci(r['acc'], 2):22s} {utils.fmt_ci(r['nll'], 4):25s} {r['n']}"
+                      for r in rows]
+    print("\n".join(lines), flush=True)
+    return rows, "\n".join(lines)
+
+
+def compare_arms(args, data, device, a, b):
+    """Arms a and b trained on paired seeds: the table and the verdicts of a - b."""
+    by, seeds, state = train_all(args, (a, b))
+    rows, text = table(args, data, device, by, seeds, (b, a), "test")
+    runs_a = [by[a, s] for s in seeds]
+    v = verdicts(runs_a, [by[b, s] for s in seeds], a, b)
+    return dict(seeds=seeds, rows=rows, table=text, verdicts=v, runs=list(by.values())), state
+
+
+def exp_compare(args, data, device, out):
+    """Claim: AA-ResNet beats ResNet (paper: +1.3 points on CIFAR-100). Paired seeds, all test
+    images, accuracy and NLL; and the trained AA-ResNet against itself with uniform attention."""
+    res, state = compare_arms(args, data, device, AA, BASE)
+    print("is attention used? the trained AA-ResNet against itself with uniform attention:")
+    aa = [r for r in res["runs"] if r["arm"] == AA]
+    res["uniform"] = verdicts(aa, aa, AA, "uniform attention", ("acc_uniform", "nll_uniform"))
+    return res, state
+
+
+def exp_bias(args, data, device, out):
+    """Claim: the paper's biases (the query bias; the others cancel under BatchNorm) matter.
+    AA-ResNet against the same network without biases, from the same initial function."""
+    return compare_arms(args, data, device, AA, NO_BIAS)[0]
+
+
+def exp_pilot(args, data, device, out, budget_s=450):
+    """Power planning, never on test: the three arms on a validation split carved from train.
+    The SD of the per-seed differences and the measured cost per seed give the n to fix."""
+    pargs = type(args)(**{**vars(args), "val_per_class": args.val_per_class or PILOT_VAL_PER_CLASS})
+    by, seeds, _ = train_all(pargs, (AA, BASE, NO_BIAS), split="val")
+    n_val = pargs.val_per_class * data.num_classes
+    res = dict(seeds=seeds, runs=list(by.values()), budget_s=budget_s, plan={})
+    # the --quick run's cost per seed: training, plus scoring on 10,000 test images (the AA
+    # arm twice: with uniform attention too), on `workers` cores
+    cost = lambda r: r["train_s"] + (r["seconds"] - r["train_s"]) * 10000 / n_val  # noqa: E731
+    per_seed = statistics.mean(cost(by[AA, s]) + cost(by[BASE, s]) for s in seeds) / args.workers
+    n_budget = max(2, int((budget_s - 30) // max(per_seed, 0.1)))
+    for b in (BASE, NO_BIAS):
+        d = [by[AA, s]["acc"] - by[b, s]["acc"] for s in seeds]
+        sd = statistics.stdev(d)
+        n_1pt = next(n for n in range(3, 10 ** 4) if utils.t95(n - 1) * sd / math.sqrt(n) <= 1)
+        half = utils.t95(n_budget - 1) * sd / math.sqrt(n_budget)
+        res["plan"][b] = dict(diffs=d, sd=sd, n_for_1_point=n_1pt, n_budget=n_budget,
+                              half_width_at_n_budget=half)
+        print(f"pilot, {AA} - {b}: per-seed differences {' '.join(f'{x:+.2f}' for x in d)}, "
+              f"SD {sd:.2f} points; a 95% CI half-width <= 1 point needs n >= {n_1pt}; "
+              f"n = {n_budget} gives +-{half:.2f}", flush=True)
+    print(f"pilot: one seed of --quick (AA-ResNet + ResNet) ~{per_seed:.0f} s of wall time on "
+          f"{args.workers} worker(s) -> n = {n_budget} pairs fit {budget_s} s (with 30 s of "
+          f"start-up)", flush=True)
+    res.update(seconds_per_seed=per_seed, n_budget=n_budget)
     return res
 
 
-@torch.no_grad()
-def attention_stats(model, x):
-    """Attention weights of every AA layer for inputs x: [(layer name, maps (B, Nh, N, N))]."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AugmentedConv2d) and m.dv > 0]
+def attention_weights(model, x):
+    """[(layer name, (B, Nh, N, N) softmax weights)] of every AA layer for inputs x."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AugmentedConv2d) and m.dv]
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda m, inp, n=n: inputs.update({n: inp[0]})) for n, m in layers]
+    hooks = [m.register_forward_pre_hook(lambda m, inp, n=n: inputs.update({n: inp[0]}))
+             for n, m in layers]
     model.eval()
-    model(x)
-    for h in hooks:
-        h.remove()
-    return [(n, m.attention_maps(inputs[n])) for n, m in layers]
+    with torch.no_grad():
+        model(x)
+        for h in hooks:
+            h.remove()
+        out = []
+        for n, m in layers:
+            a = m.attention_input(inputs[n])
+            q, k, _ = m.queries_keys_values(a)
+            out.append((n, m.logits(q, k, *a.shape[2:]).softmax(-1)))
+    return out
 
 
 def head_summary(maps):
-    """Per head: mean over images and queries of the largest weight, and of the entropy (nats) of the map."""
-    top = maps.amax(-1).mean(dim=(0, 2))                                   # (Nh,)
+    """Per head: mean over images and queries of the largest weight and of the entropy (nats)."""
+    top = maps.amax(-1).mean(dim=(0, 2))                                       # (Nh,)
     entropy = -(maps * maps.clamp_min(1e-12).log()).sum(-1).mean(dim=(0, 2))  # (Nh,)
     return top.tolist(), entropy.tolist()
 
 
-def plot_attention(maps_trained, maps_init, x_u8, titles, path, *, query):
-    """Rows: test images with the trained model's heads, then the first image at init; one colour scale for all
-    panels (0 .. the largest weight shown), and each panel's max weight next to 1/N, so a near-uniform map looks
-    flat instead of being stretched to full contrast."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n, nh, H, W = maps_trained.shape                                  # one query's row, reshaped to the grid
-    rows = [(maps_trained[r], x_u8[r], titles[r]) for r in range(n)] + [(maps_init[0], x_u8[0], f"{titles[0]}, at init")]
-    vmax = float(max(maps_trained.max(), maps_init.max()))
-    img_h, img_w = x_u8.shape[2:]
-    qy, qx = query
-    cy, cx = (qy + 0.5) * img_h / H - 0.5, (qx + 0.5) * img_w / W - 0.5  # the query's centre in image pixels
-    fig, axes = plt.subplots(len(rows), nh + 1, figsize=(1.9 * (nh + 1) + 0.6, 1.9 * len(rows)), squeeze=False)
+def plot_attention(trained, init, x_u8, titles, query):
+    """Rows: test images with the trained heads' weights for one query pixel, then the first
+    image at init; one colour scale for all panels, so a near-uniform map looks flat."""
+    from matplotlib.figure import Figure
+    n, nh, H, W = trained.shape
+    rows = [(trained[r], x_u8[r], titles[r]) for r in range(n)]
+    rows.append((init[0], x_u8[0], f"{titles[0]}, at init"))
+    vmax = float(max(trained.max(), init.max()))
+    side = x_u8.shape[-1]
+    cy, cx = ((c + 0.5) * side / H - 0.5 for c in query)  # the query's centre in image pixels
+    fig = Figure(figsize=(1.6 * (nh + 1) + 0.8, 1.6 * len(rows)))
+    axes = fig.subplots(len(rows), nh + 1, squeeze=False)
     for r, (maps, img, title) in enumerate(rows):
         axes[r, 0].imshow(img.permute(1, 2, 0).numpy())
-        axes[r, 0].plot([cx], [cy], marker="x", color="red", markersize=9, mew=2)
+        axes[r, 0].plot([cx], [cy], "rx", ms=8, mew=2)
         axes[r, 0].set_title(title, fontsize=8)
         for h in range(nh):
-            im = axes[r, h + 1].imshow(maps[h].numpy(), cmap="inferno", vmin=0, vmax=vmax, interpolation="nearest",
-                                       extent=(-0.5, img_w - 0.5, img_h - 0.5, -0.5))
-            axes[r, h + 1].plot([cx], [cy], marker="x", color="cyan", markersize=7, mew=1.5)
+            im = axes[r, h + 1].imshow(maps[h].numpy(), cmap="inferno", vmin=0, vmax=vmax,
+                                       extent=(-0.5, side - 0.5, side - 0.5, -0.5))
+            axes[r, h + 1].plot([cx], [cy], "cx", ms=7, mew=1.5)
             axes[r, h + 1].set_title(f"head {h + 1}: max {float(maps[h].max()):.3f}", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.6, label="attention weight")
-    fig.suptitle(f"AA-ResNet, first attention layer ({H}x{W} grid): weights of query pixel ({qy},{qx}) (x), one colour "
-                 f"scale; uniform = 1/N = {1 / (H * W):.3f}", fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    fig.suptitle(f"first AA layer ({H}x{W} grid), query pixel {query}; uniform = 1/N = "
+                 f"{1 / (H * W):.3f}", fontsize=9)
+    return fig
 
 
-def exp_maps(args, data, device, out, state=None, *, num_images=64):
-    """Where the trained heads look (paper Fig. 3-like), against the very same network at init: per head the mean
-    largest weight (uniform = 1/N) and the mean entropy (uniform = log N), plus the figure."""
+def exp_maps(args, data, device, out, state=None, num_images=64):
+    """Where the trained heads look, against the same network at init: per head the mean
+    largest weight (uniform: 1/N) and entropy (uniform: log N), and the figure."""
     if state is None:  # --experiment maps alone: train the first seed's AA-ResNet
-        state = train_arm(args, data, args.seed, True)["state"]
-    init = make_arm(args, data.num_classes, args.seed, augmented=True).to(device)
+        state = train_all(type(args)(**{**vars(args), "seeds": 1}), (AA,))[2]
+    init = make_arm(args, data.num_classes, args.seed, AA).to(device)
     trained = copy.deepcopy(init)
     trained.load_state_dict(state)
     x_u8 = data.x_test[:num_images]
-    x = normalised(data, x_u8, device)
-    stats = []
-    print(f"{'layer':18s} {'head':>4s} {'max weight trained / init':>26s} {'1/N':>6s} {'entropy trained / init':>23s} {'log N':>6s}")
-    for (name, mt), (_, mi) in zip(attention_stats(trained, x), attention_stats(init, x)):
+    x, _ = next(iter(utils.DeviceLoader(x_u8, data.y_test[:num_images], batch_size=num_images,
+                                        device=device, train=False, mean=data.mean, std=data.std)))
+    maps_t, maps_i, stats = attention_weights(trained, x), attention_weights(init, x), []
+    print(f"{'layer':16s} head  max weight trained / init  1/N    entropy trained / init  log N")
+    for (name, mt), (_, mi) in zip(maps_t, maps_i):
         N = mt.shape[-1]
         (top_t, ent_t), (top_i, ent_i) = head_summary(mt), head_summary(mi)
         for h in range(mt.shape[1]):
-            print(f"{name:18s} {h + 1:4d} {top_t[h]:12.3f} / {top_i[h]:.3f} {1 / N:15.3f} {ent_t[h]:10.2f} / {ent_i[h]:.2f} "
-                  f"{math.log(N):11.2f}")
-        stats.append(dict(layer=name, N=N, max_weight=top_t, max_weight_init=top_i, entropy=ent_t, entropy_init=ent_i))
-    # the figure: the first AA layer, one query near the centre, the first test image of the first classes
-    (name, mt), (_, mi) = attention_stats(trained, x)[0], attention_stats(init, x)[0]
-    H = W = int(math.isqrt(mt.shape[-1]))
-    qy, qx = H // 2, W // 2
-    idx = [int(torch.nonzero(data.y_test[:num_images] == c)[0]) for c in range(data.num_classes)
-           if (data.y_test[:num_images] == c).any()][:4]
-    row = lambda m: m[idx][:, :, qy * W + qx].reshape(len(idx), -1, H, W).cpu()  # (n, Nh, H, W)
-    fig = plot_attention(row(mt), row(mi), x_u8[idx], [data.classes[int(data.y_test[i])] for i in idx],
-                         os.path.join(out, "attention_maps.png"), query=(qy, qx))
-    print(f"wrote {fig}")
-    return dict(stats=stats, figure=fig, images=num_images)
+            print(f"{name:16s} {h + 1:4d}  {top_t[h]:10.3f} / {top_i[h]:.3f} {1 / N:12.3f}"
+                  f"{ent_t[h]:12.2f} / {ent_i[h]:.2f} {math.log(N):12.2f}")
+        stats.append(dict(layer=name, N=N, max_weight=top_t, max_weight_init=top_i,
+                          entropy=ent_t, entropy_init=ent_i))
+    (_, mt), (_, mi) = maps_t[0], maps_i[0]
+    H = W = math.isqrt(mt.shape[-1])
+    y = data.y_test[:num_images]
+    idx = [int(torch.nonzero(y == c)[0]) for c in range(data.num_classes) if (y == c).any()][:4]
+    row = lambda m: m[idx][:, :, (H // 2) * W + W // 2].reshape(len(idx), -1, H, W).cpu()  # noqa
+    fig = plot_attention(row(mt), row(mi), x_u8[idx], [data.classes[int(y[i])] for i in idx],
+                         (H // 2, W // 2))
+    path = os.path.join(out, "attention_maps.png")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    print(f"wrote {path}")
+    return dict(stats=stats, figure=path, images=num_images)
 
 
-def peak_memory_mb(step, device):
-    """Memory one call of step() adds at its peak, in MB. CUDA: the allocator's peak. Linux CPU: the peak resident
-    memory of this process (VmHWM), after handing freed heap back to the OS (glibc malloc_trim) and resetting the
-    peak (clear_refs 5), so every byte the step touches counts. None where neither exists."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+def time_step(step, steps):
+    step()                                                           # warm-up
+    t0 = time.time()
+    for _ in range(steps):
         step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        status = lambda: {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("Vm")}
-        before = status()["VmRSS"]
-        step()
-        return (status()["VmHWM"] - before) / 1024
-    except OSError:
-        return None
+    return 1000 * (time.time() - t0) / steps
 
 
 def exp_bench(args, device):
-    """Forward + backward of one AA layer, the simple form ("before", today's layer) and BlockwiseAttention ("after")
-    on the same weights, side by side; plus the paper's pooled attention and a plain 3x3 conv."""
-    C, Nh, dk, dv = 64, 4, 32, 16  # kappa = 0.5, upsilon = 0.25: a 64-channel layer
-    print(f"== bench: layer {C}->{C} channels, 3x3, dk={dk}, dv={dv}, Nh={Nh}; forward + backward of the spatially "
-          f"averaged output; memory = peak added by one step ==", flush=True)
+    """One 64-channel AA layer, forward + backward: the simple form and the blockwise path on the
+    same weights, the paper's pooled attention and a plain 3x3 conv; then one training step of
+    the quick AA-ResNet with and without channels-last storage."""
+    C, Nh, dk, dv = 64, 4, 32, 16
+    print(f"== bench: {C}->{C} channels, 3x3, dk={dk}, dv={dv}, Nh={Nh}; forward + backward; "
+          f"memory = what autograd saves for the backward pass ==", flush=True)
     rows = []
     for size in args.bench_sizes:
         N = size * size
-        # the simple form holds several (B, Nh, N, N) tensors: one must stay below 0.5 GiB on a (shared) CPU and 1/8
-        # of a GPU's memory (at 64x64 and batch 128 it would be 34 GB)
-        budget = torch.cuda.get_device_properties(device).total_memory // 8 if device.type == "cuda" else 2 ** 29
+        # the simple form holds several (B, Nh, N, N) tensors: one <= 0.5 GiB (CPU), 1/8 (GPU)
+        budget = (torch.cuda.get_device_properties(device).total_memory // 8
+                  if device.type == "cuda" else 2 ** 29)
         batch = max(1, min(args.bench_batch, budget // (Nh * N * N * 4)))
         torch.manual_seed(args.seed)
-        layer = AugmentedConv2d(C, C, 3, dk=dk, dv=dv, num_heads=Nh, max_size=size).to(device)
-        pooled = AugmentedConv2d(C, C, 3, dk=dk, dv=dv, num_heads=Nh, max_size=size, pool_attention=True).to(device)
+        kw = dict(dk=dk, dv=dv, num_heads=Nh, max_size=size)
+        simple = AugmentedConv2d(C, C, 3, **kw).to(device)
+        fast = BlockwiseAugmentedConv2d(C, C, 3, **kw).to(device)
+        fast.load_state_dict(simple.state_dict())
+        pooled = BlockwiseAugmentedConv2d(C, C, 3, pool_attention=True, **kw).to(device)
         x = torch.randn(batch, C, size, size, device=device)
-        for name, m, fast in (("before: simple form", layer, False), ("after: blockwise", layer, True),
-                              ("after + pooled attn", pooled, True), ("plain 3x3 conv", nn.Conv2d(C, C, 3, padding=1).to(device), None)):
-            if fast is not None:
-                m.fast = fast
-            step = lambda: m(x).mean(dim=(2, 3)).sum().backward()
-            step()  # warm-up
-            t0 = time.time()
-            for _ in range(args.bench_steps):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            ms = 1000 * (time.time() - t0) / args.bench_steps
-            rows.append(dict(size=size, batch=batch, layer=name, ms_per_step=ms, peak_mb=peak_memory_mb(step, device)))
-            print(f"  {size}x{size} batch {batch:3d} {name:20s} {ms:9.1f} ms/step  peak {rows[-1]['peak_mb'] or float('nan'):8.1f} MB",
-                  flush=True)
-        before, after = rows[-4], rows[-3]
-        print(f"  {size}x{size}: after is {before['ms_per_step'] / after['ms_per_step']:.2f}x faster than before, peak "
-              f"memory {after['peak_mb'] or float('nan'):.0f} vs {before['peak_mb'] or float('nan'):.0f} MB", flush=True)
-    return dict(rows=rows)
+        for name, m in (("simple form", simple), ("blockwise", fast), ("blockwise + pooled",
+                        pooled), ("plain 3x3 conv", nn.Conv2d(C, C, 3, padding=1).to(device))):
+            step = lambda: m(x).mean(dim=(2, 3)).sum().backward()  # noqa: E731
+            ms = time_step(step, args.bench_steps)
+            rows.append(dict(size=size, batch=batch, layer=name, ms_per_step=ms,
+                             saved_mb=saved_mb(lambda: m(x))))
+            print(f"  {size}x{size} batch {batch:3d} {name:20s} {ms:8.1f} ms/step  saved "
+                  f"{rows[-1]['saved_mb']:7.1f} MB", flush=True)
+        s, f = rows[-4], rows[-3]
+        print(f"  {size}x{size}: blockwise {s['ms_per_step'] / f['ms_per_step']:.2f}x faster "
+              f"than the simple form, saves {f['saved_mb']:.0f} vs {s['saved_mb']:.0f} MB")
+    fmt = {}
+    for cl in (False, True):
+        torch.manual_seed(args.seed)
+        model = build_model(args, 10, aa=True, channels_last=cl).to(device)
+        x = torch.randn(64, 3, args.image_size, args.image_size, device=device)
+        y = torch.randint(0, 10, (64,), device=device)
+        step = lambda: F.cross_entropy(model(x), y).backward()  # noqa: E731
+        fmt[cl] = time_step(step, 3 * args.bench_steps)
+        print(f"  quick AA-ResNet train step, batch 64, channels-last={cl}: {fmt[cl]:.1f} ms")
+    print(f"  channels-last: {fmt[False] / fmt[True]:.2f}x the speed of the default layout")
+    return dict(rows=rows, train_step_ms={"default": fmt[False], "channels_last": fmt[True]})
 
-
-# ------------------------------------------------------------------------------------------------ main
 
 def describe(args, data):
-    print(f"data: {len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test images, "
-          f"{data.num_classes} classes; ResNet widths {args.widths}, blocks {args.blocks}", flush=True)
-    for stage, w in zip((1, 2, 3), args.widths):
-        if stage in args.aa_stages:
-            dk, dv = aa_channels(w, num_heads=args.num_heads, kappa=args.kappa, upsilon=args.upsilon, min_dkh=args.min_dkh)
-            print(f"  AA in stage {stage}: F_out={w}, Nh={args.num_heads}, dk={dk} ({dk // args.num_heads}/head), "
-                  f"dv={dv} ({dv // args.num_heads}/head), relative={not args.no_relative}, "
-                  f"pooled attention={stage in args.pool_stages}", flush=True)
+    stages = [(st, w, *aa_channels(w, num_heads=args.num_heads, kappa=args.kappa,
+                                   upsilon=args.upsilon, min_dkh=args.min_dkh))
+              for st, w in zip((1, 2, 3), args.widths) if st in args.aa_stages]
+    print(f"data: {len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test, "
+          f"{data.num_classes} classes; widths {args.widths}, blocks {args.blocks}; AA (stage, "
+          f"F_out, dk, dv): {stages}, Nh={args.num_heads}, relative={not args.no_relative}, "
+          f"pooled stages {args.pool_stages}", flush=True)
 
 
 def main(argv=None):
-    args = get_args(argv)
+    args = utils.cli(__doc__, PRESETS, FLAGS, argv, experiments=EXPERIMENTS, check=check,
+                     bench="time and memory of the simple and blockwise AA layer, side by side")
     device, out = utils.start(args, "02_aa_conv")
-    config = {k: v for k, v in vars(args).items()}
-    if args.bench:
+    config = {k: v for k, v in vars(args).items() if k != "preset_values"}
+    if args.mode == "demo":
+        return utils.run_demos(out, [demo_relative_logits, demo_branches, demo_blockwise])
+    if args.mode == "bench":
         res = exp_bench(args, device)
         utils.save_results(os.path.join(out, "bench.json"), config, res)
         return res
     data = utils.data_from_args(args)
     pin_counts(args, data)
     describe(args, data)
-    todo = ("compare", "maps") if args.experiment == "all" else (args.experiment,)
     results, state = {}, None
-    for name in todo:
+    for name in args.experiments:
         t0 = time.time()
         if name == "compare":
             results[name], state = exp_compare(args, data, device, out)
+        elif name == "maps":
+            results[name] = exp_maps(args, data, device, out, state)
         else:
-            results[name] = exp_pilot(args, data, device, out) if name == "pilot" else exp_maps(args, data, device, out, state)
+            results[name] = {"bias": exp_bias, "pilot": exp_pilot}[name](args, data, device, out)
         results[name]["wall_s"] = round(time.time() - t0, 1)
         utils.save_results(os.path.join(out, f"{name}.json"), config, results[name])
-        print(f"== {name} done in {results[name]['wall_s']:.0f}s -> {out}/{name}.json ==", flush=True)
+        print(f"== {name} done in {results[name]['wall_s']:.0f} s -> {out}/{name}.json ==",
+              flush=True)
     return results
 
 
+# %%
 if __name__ == "__main__":
     utils.run_main(main)
