@@ -71,15 +71,21 @@ def test_rel_to_abs_matches_explicit_indexing(L):
                                                (4, 7, (6, 9), 2), (1, 6, (2, 6), 3),
                                                (6, 2, 8, 4)])
 def test_relative_logits_match_a_per_pair_loop(H, W, max_size, seed):
+    """Eq. 3 from the raw 1x1-conv outputs: head h owns channels h*dkh..(h+1)*dkh of the
+    queries and keys, and 1/sqrt(dkh) scales the content AND the position terms."""
     torch.manual_seed(seed)
     layer = aa.AugmentedConv2d(5, 12, 3, dk=8, dv=4, num_heads=2, max_size=max_size)
-    q, k, _ = layer.queries_keys_values(torch.randn(2, 5, H, W))
-    got = layer.logits(q, k, H, W)
-    ref = loop_logits(layer, q, k, H, W)
+    nn.init.normal_(layer.qkv.bias)
+    x = torch.randn(2, 5, H, W)
+    raw = layer.qkv(x).flatten(2)                                   # (B, 2 dk + dv, N)
+    heads = lambda t: t.reshape(2, 2, 4, H * W).transpose(2, 3)     # noqa: E731 (B, Nh, N, dkh)
+    q_raw, k_raw = heads(raw[:, :8]), heads(raw[:, 8:16])
+    got = layer.logits(*layer.queries_keys_values(x)[:2], H, W)
+    ref = loop_logits(layer, q_raw, k_raw, H, W) / math.sqrt(4)
     assert got.shape == (2, 2, H * W, H * W)
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     layer.relative = False  # the position terms are really there: without them it differs
-    assert not torch.allclose(ref, loop_logits(layer, q, k, H, W), atol=1e-3)
+    assert not torch.allclose(ref, loop_logits(layer, q_raw, k_raw, H, W) / 2, atol=1e-3)
 
 
 def test_relative_logits_are_O_N_times_H_plus_W():
@@ -309,6 +315,23 @@ def test_gradients_reach_tables_and_query_bias():
         assert layer.get_parameter(name).grad.abs().sum() > 0, f"no gradient reached {name}"
     assert layer.qkv.bias.grad[:8].abs().sum() > 0                # the query bias learns
     assert layer.key_rel_h.shape[0] == 7 and (layer.key_rel_h.grad.abs().sum(1) > 0).all()
+
+
+def test_evaluate_uniform_sets_every_heads_weights_to_1_over_N():
+    """The lab's "is attention used?" score: the same network, each pixel given the mean value
+    vector, and the layer's own attention back afterwards."""
+    torch.manual_seed(0)
+    layer = aa.BlockwiseAugmentedConv2d(3, 8, 3, dk=8, dv=4, num_heads=2, max_size=8)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 64, 3))
+    loader = utils.DeviceLoader(torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8),
+                                torch.randint(0, 3, (6,)), batch_size=6, train=False,
+                                device=torch.device("cpu"))
+    plain, uniform = utils.evaluate(model, loader), aa.evaluate_uniform(model, loader)
+    assert "attention" not in vars(layer) and utils.evaluate(model, loader) == plain
+    N = 64  # by hand: softmax of all-zero logits, (B, Nh, N, N) weights of 1/N each
+    layer.attention = lambda q, k, v, H, W: torch.full((*q.shape[:2], N, N), 1 / N) @ v
+    manual = utils.evaluate(model, loader)
+    assert abs(manual.nll - uniform.nll) < 1e-6 and abs(plain.nll - uniform.nll) > 1e-4
 
 
 @pytest.mark.parametrize("kwargs,match", [
