@@ -131,10 +131,8 @@ class GPSA(nn.Module):
 
     def rel(self, N):
         """r_ij for N tokens, built once in the weights' device and dtype. -> (N, N, 3)"""
-        G = math.isqrt(N)
-        assert G * G == N, f"GPSA needs a square grid of patch tokens, got N={N}: leave the " \
-                           f"class token out"
-        w, r = self.pos_proj.weight, self.rel_indices
+        G, w, r = math.isqrt(N), self.pos_proj.weight, self.rel_indices
+        assert G * G == N, f"GPSA needs a square grid of patches, got N={N}: no class token"
         if r.shape[0] != N or r.dtype != w.dtype or r.device != w.device:
             self.rel_indices = relative_indices(G, w.device, w.dtype)
         return self.rel_indices
@@ -750,8 +748,11 @@ def run_job(args, ref, arm, n, seed):
                                 train=True, seed=seed, **kw)
     epochs = max(1, round(args.steps / len(loader)))
     model = build_arm(args, arm, data.num_classes, seed).to(device)
-    evl = utils.DeviceLoader(*eval_split(args, data), batch_size=500, train=False, **kw)
-    is_vit, probe = isinstance(model, ConViT), next(iter(evl))[0][:128]
+    x_ev, y_ev = eval_split(args, data)
+    evl = utils.DeviceLoader(x_ev, y_ev, batch_size=500, train=False, **kw)
+    spread = torch.linspace(0, len(y_ev) - 1, min(128, len(y_ev))).long()  # every class, in order
+    probe = utils.DeviceLoader(x_ev[spread], y_ev[spread], batch_size=128, train=False, **kw)
+    is_vit, probe = isinstance(model, ConViT), next(iter(probe))[0]
     start = locality(model, probe) if is_vit else None
     hist = utils.train(model, loader, epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
                        warmup_epochs=args.warmup_frac * epochs, label_smoothing=0.1,
@@ -777,10 +778,7 @@ def train_runs(args, ref, keys):
                                          workers=args.workers)))
 
 
-# %% [markdown]
-# ### The experiments, one per claim
-
-# %%
+# The experiments, one per claim: each reads its runs, prints its table and verdicts, returns JSON.
 NEEDS = {  # experiment -> the runs (arm, images per class, seed) it reads
     "sample": lambda a: [(arm, n, s) for n in a.sizes for s in seeds(a)
                          for arm in ("deit", "convit")],
@@ -796,7 +794,7 @@ def seeds(args, k=None):
     return [args.seed + i for i in range(k or args.seeds)]
 
 
-def get(runs, arm, n, args, k=None):
+def get(runs, arm, n, args, k=None):  # the runs of one arm and size, in seed order
     return [runs[arm, n, s] for s in seeds(args, k)]
 
 
