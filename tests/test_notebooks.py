@@ -51,3 +51,20 @@ def test_demo_runs_from_the_shell_without_data(script, tmp_path):
     pngs = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
     assert len(pngs) >= 3 and "demo.json" in os.listdir(tmp_path), (pngs, r.stdout[-2000:])
     assert "decoding" not in r.stdout, "--demo must not need data"
+
+
+def test_the_lab_runs_from_a_notebook_even_with_worker_processes(tiny_gray_folder, tmp_path):
+    """In a notebook, train_job lives in a __main__ without a file, which a spawned worker cannot
+    import (BrokenProcessPool). Called from a cell with --workers 2, the lab runs its jobs in the
+    kernel instead, says so, and prints its verdicts."""
+    nb = jupytext.reads(_read("01_conv_vs_attention"), fmt="py:percent")
+    argv = ["--quick", "--data", tiny_gray_folder, "--image-size", "16", "--epochs", "1",
+            "--widths", "8,8,16", "--head-dim", "4", "--batch-size", "12", "--stem-stride", "1",
+            "--seeds", "2", "--models", "all-conv,hybrid", "--experiment", "compare",
+            "--workers", "2", "--out", str(tmp_path / "out")]
+    nb.cells.append(jupytext.reads(f"res = main({argv!r})", fmt="py:percent").cells[0])
+    env = {**os.environ, "CMA_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3").execute(env=env, cwd=ROOT)
+    text = "".join(o.get("text", "") for o in nb.cells[-1].get("outputs", []))
+    assert "cannot be sent to worker processes" in text, text[-2000:]
+    assert "hybrid \u2212 all-conv = " in text and "n=2 paired seeds" in text, text[-2000:]
