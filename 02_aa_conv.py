@@ -20,8 +20,8 @@ Run:
 Results (--quick on a 2-core AMD EPYC CPU, torch 2.15 float32, all 10,000 test images; a
 pre-activation ResNet-10 with two AA layers on its 8x8 stage, 4 epochs of 5,000 images; n = 10
 paired seeds, fixed in advance from a pilot on a validation split):
-    AA-ResNet - ResNet = -0.0 points [-0.7, +0.7], +0.003 nats [-0.014, +0.019]: equivalent
-      within +-1 point / +-0.02 nats (the paper's +1.3 on CIFAR-100 does not appear at this scale)
+    AA-ResNet - ResNet = -0.0 points [-0.7, +0.7]: equivalent within +-1 (so with 8 and 12 pairs);
+      +0.003 nats [-0.014, +0.019]: equivalent within +-0.02, borderline (12 pairs: not decided)
     AA-ResNet - the same net with uniform attention = +5.0 points [+3.7, +6.3]: the heads are used
     with the paper's biases - without = -0.0 points [-0.6, +0.5]: equivalent within +-1 point
 Details: runs/02_aa_conv/RESULTS.md (full tables, the pilot that fixed n, logs).
@@ -529,9 +529,10 @@ class ResNet(nn.Module):
 #    attention channel is one constant, W^O of the image's mean value vector: the global context
 #    of squeeze-and-excitation, with no spatial structure (its printed spatial std is ~0).
 # 3. **No relative positions.** Run `demo_relative_logits(relative=False)`. *Expect:* the position
-#    column is 0 and the weights follow the content logits alone. Permute the pixels of an input
-#    and of the layer's output the same way: without relative logits they agree (permutation
-#    equivariance: the layer does not know where a pixel is); with them they do not.
+#    column is 0 and the weights follow the content logits alone. Then build a layer with no conv
+#    branch (`dv` = `out_channels`) and shuffle the pixels of its input: without relative logits
+#    the output is the old output, shuffled the same way (the layer does not know where a pixel
+#    is); with them it is not.
 # 4. **The query bias.** Run `demo_relative_logits(x=torch.zeros(1, 8, 8, 8),
 #    query_bias=torch.randn(16))`, then again with `query=(5, 2)`. *Expect:* q_i = b_q at every
 #    pixel, so the content logits are flat and the position map is the same pattern, moved with
