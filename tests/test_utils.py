@@ -406,7 +406,7 @@ def test_run_main_in_a_notebook_starts_nothing(monkeypatch, capsys):
     """In a Jupyter kernel, the script's last cell `utils.run_main(main)` must neither parse the
     kernel's argv (`-f kernel.json`) nor start a training run."""
     monkeypatch.setattr(utils, "in_notebook", lambda: True)
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "kernel-1.json"])
     started = []
     assert utils.run_main(started.append) is None and started == []
     assert "call main(['--quick'" in capsys.readouterr().out
