@@ -99,22 +99,6 @@ COMMON_FLAGS = {  # every script's flags: name -> (type, default, help); None = 
                 "(OpenMP threads waiting on busy cores made steps up to 10x slower on 2 cores)")}
 
 
-def add_common_args(p):
-    for name, (kind, default, text) in COMMON_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
-    return p
-
-
-def apply_preset(args, preset):
-    """Fill every flag left at None from `preset` (a flag you pass wins). args.preset_keys names
-    what came from the preset, so that data_from_args may fit those counts to a small dataset."""
-    args.preset_keys = sorted(k for k, v in preset.items() if getattr(args, k, None) is None)
-    args.preset_values = dict(preset)
-    for k in args.preset_keys:
-        setattr(args, k, preset[k])
-    return args
-
-
 def cli(doc, presets, flags, argv=None, *, experiments=(), bench=None, check=None):
     """A script's command line, declared as data. presets: {"quick": {...}, "full": {...}}, a
     value for every setting (--quick, --demo and --bench take "quick"; a flag you pass wins).
@@ -134,9 +118,9 @@ def cli(doc, presets, flags, argv=None, *, experiments=(), bench=None, check=Non
     if experiments:
         p.add_argument("--experiment", choices=(*experiments, "all"), default=None,
                        help="run one experiment (default: the preset's list)")
-    add_common_args(p)
-    if any("image_size" in pr for pr in presets.values()):
-        p.set_defaults(image_size=None)
+    for name, (kind, default, text) in COMMON_FLAGS.items():
+        default = None if any(name in pr for pr in presets.values()) else default
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     for name, spec in flags.items():
         text, kind = (spec, None) if isinstance(spec, str) else spec
         kw = kind if isinstance(kind, dict) else {
@@ -149,8 +133,13 @@ def cli(doc, presets, flags, argv=None, *, experiments=(), bench=None, check=Non
     args = p.parse_args(argv)
     args.bench = getattr(args, "bench", False)
     args.mode = next(m for m in ("demo", "quick", "bench", "full") if getattr(args, m, True))
+    # every setting left at None comes from the preset; preset_keys names them, so that
+    # data_from_args may fit those counts to a small dataset
     preset = presets["full" if args.mode == "full" else "quick"]
-    apply_preset(args, preset)
+    args.preset_keys = sorted(k for k in preset if getattr(args, k, None) is None)
+    args.preset_values = dict(preset)
+    for k in args.preset_keys:
+        setattr(args, k, preset[k])
     chosen = getattr(args, "experiment", None)
     args.experiments = (list(experiments) if chosen == "all" else [chosen] if chosen
                         else list(preset.get("experiments", experiments)))
@@ -390,7 +379,7 @@ def load_data(data="cifar10", *, image_size=32, train_per_class=None, val_per_cl
               test_per_class=None, seed=0, cache_dir=None, fit=()):
     """A Data of uint8 (N, 3, S, S) images. Subsets are stratified and seeded (same seed, same
     images); validation images are carved out of the training split first. `fit`: the counts
-    that may shrink to fit a small dataset (the preset's, see apply_preset)."""
+    that may shrink to fit a small dataset (the preset's, see cli)."""
     cache_dir = cache_dir or os.environ.get("CMA_CACHE", os.path.expanduser(
         "~/.cache/conv-meets-attention"))
     if data == "cifar10":

@@ -44,8 +44,8 @@ def test_image_folder_resize_and_subsets(tiny_image_folder):
 
 
 def _args(argv, preset):
-    p = utils.add_common_args(utils.ArgumentParser())
-    return utils.apply_preset(p.parse_args(argv), preset)
+    """The common flags parsed as a script parses them, with `preset` as its --quick preset."""
+    return utils.cli("", {"quick": preset, "full": preset}, {}, ["--quick", *argv])
 
 
 def test_any_dataset_grayscale_val_split_and_four_classes(tiny_gray_folder, capsys):
@@ -330,10 +330,8 @@ def _cli_error(capsys, main, argv):
     (["--device", "tpu"], "is not one of auto, cpu, cuda, mps"),
 ])
 def test_bad_common_flags_get_one_line(argv, match, capsys, tiny_gray_folder):
-    p = utils.add_common_args(utils.ArgumentParser(prog="script"))
-
     def main(argv):
-        args = p.parse_args(argv)
+        args = _args(argv, {})
         utils.get_device(args.device)
         return utils.data_from_args(args)
 
@@ -342,9 +340,7 @@ def test_bad_common_flags_get_one_line(argv, match, capsys, tiny_gray_folder):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_device_cuda_without_cuda_says_use_cpu(capsys):
-    p = utils.add_common_args(utils.ArgumentParser(prog="script"))
-    err = _cli_error(capsys, lambda a: utils.get_device(p.parse_args(a).device),
-                     ["--device", "cuda"])
+    err = _cli_error(capsys, lambda a: utils.get_device(_args(a, {}).device), ["--device", "cuda"])
     assert "use --device cpu" in err
 
 
