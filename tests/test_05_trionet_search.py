@@ -525,6 +525,26 @@ def test_a_sub_network_of_the_supernet_equals_its_stand_alone_net(sharing, seed)
         assert err < 1e-5, (cfg, err)
 
 
+@torch.no_grad()
+def test_inherited_score_re_estimates_batchnorm_on_the_calibration_batches():
+    """The supernet's running statistics mix many sub-networks: inherited_score replaces them by
+    the average of the scored sub-network's own batch statistics on the calibration batches."""
+    torch.manual_seed(0)
+    space = make_space()
+    net = m.TrioNetSupernet(space, num_classes=3)
+    randomise_bn(net, 0)                                  # stale statistics of a trained net
+    for mod in net.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.num_batches_tracked.fill_(100)
+    calib = utils.DeviceLoader(torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8),
+                               torch.zeros(16).long(), batch_size=8, device=torch.device("cpu"),
+                               train=False)
+    m.inherited_score(net, space.resnet_config(), calib, calib)
+    means = [net.stem[0](x).mean((0, 2, 3)) for x, _ in calib]
+    torch.testing.assert_close(net.stem[1].running_mean, sum(means) / len(means))
+    assert all(mod.momentum == 0.1 for mod in net.modules() if isinstance(mod, nn.BatchNorm2d))
+
+
 @pytest.mark.parametrize("image_size", [16, 32])
 def test_analytical_flops_match_the_flop_counter(image_size):
     space = make_space(image_size=image_size, depths=(1, 2, 1))
