@@ -1,6 +1,6 @@
 """On the Relationship between Self-Attention and Convolutional Layers -- Cordonnier, Loukas and
-Jaggi, ICLR 2020 (arXiv:1911.03584); with the attention layers it is compared with: local self-
-attention (SASA, Ramachandran et al. 2019) and axial attention (Axial-DeepLab, Wang et al. 2020).
+Jaggi, ICLR 2020 (arXiv:1911.03584), with the layers it is compared with: local self-attention
+(SASA, Ramachandran et al. 2019) and axial attention (Axial-DeepLab, Wang et al. 2020).
 
 The idea (Theorem 1). Multi-head self-attention (MHSA) over the pixels of an image, with relative
 positional attention and K^2 heads, can compute any K x K convolution. Head h attends only to the
