@@ -499,10 +499,9 @@ def test_compare_paired_lower_is_better_for_nll():
 
 # ---------------------------------------------------------------------------------- measure
 
-def test_flops_params_and_measure():
+def test_params_and_measure():
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
     assert utils.count_params(conv) == 8 * 3 * 9
-    assert utils.count_flops(conv, (3, 10, 12)) == 2 * 8 * 3 * 9 * 10 * 12  # 1 MAC = 2 FLOPs
     img_s, mem_mb = utils.measure_step(nn.Sequential(conv, nn.Flatten(), nn.Linear(960, 10)),
                                        (3, 10, 12), batch_size=4, steps=2, warmup=1)
     assert img_s > 0 and mem_mb > 0
