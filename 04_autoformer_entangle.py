@@ -721,17 +721,17 @@ def space_flags(space, table):  # the flags of a space and of its table (a sub-s
 
 PRESETS = {  # the full preset: the AutoFormer-T space (Table 1) on 32x32 CIFAR, patch 4
     "quick": dict(train_per_class=450, val_per_class=100, patch_size=8, batch_size=64, epochs=10,
-                  lr=2e-3, seeds=4, probes=20, budget=100, population=10, parents=5, workers=2,
+                  lr=2e-3, seeds=4, probes=20, rank_k=8, budget=100, population=10, parents=5, workers=2,
                   threads=1, **space_flags(QUICK_SPACE, QUICK_TABLE)),
     "full": dict(train_per_class=None, val_per_class=500, patch_size=4, batch_size=256, epochs=100,
-                 lr=1e-3, seeds=3, probes=50, budget=1000, population=50, parents=10, workers=1,
+                 lr=1e-3, seeds=3, probes=50, rank_k=8, budget=1000, population=50, parents=10, workers=1,
                  threads=None, **space_flags(
                      SearchSpace((192, 216, 240), (12, 13, 14), (3, 4), (3.5, 4.0), 64),
                      SearchSpace((192, 216, 240), (12,), (3, 4), (4.0,), 64)))}
 for preset in PRESETS.values():  # the same in both
     preset.update(test_per_class=None, image_size=32, max_rel_pos=14, weight_decay=0.05,
                   param_range=(0.35, 0.70), runs=100, p_depth=0.2, p_layer=0.4)
-EXPERIMENTS = ("entangle", "search", "inherit")
+EXPERIMENTS = ("rank", "entangle", "search", "inherit")
 ZERO_OK = {"type": utils.nonneg_float}
 FLAGS = {
     "embed_dims": "embedding dims D (Table 1)", "depths": "depths L", "patch_size": "patch side",
@@ -743,6 +743,7 @@ FLAGS = {
     "lr": "peak learning rate (AdamW, warmup + cosine)", "weight_decay": ("AdamW", ZERO_OK),
     "seeds": "supernet seeds, the n of every verdict (each seed trains its own supernets)",
     "probes": "entangle: random subnets scored with both supernets of a seed",
+    "rank_k": "rank: subnets per seed, spread over the space, each trained alone",
     "table_embed_dims": "search: D of the sub-space scored exhaustively (the table)",
     "table_depths": "search: the table's depths", "table_num_heads": "search: its heads",
     "table_mlp_ratios": "search: its MLP ratios", "budget": "evaluations per search run",
@@ -811,6 +812,10 @@ def run_seed(a, data, kind, seed, todo):
     out = {"history": hist, "params": sum(p.numel() for p in model.parameters()), "probes": [
         (config_key(c), tuple(utils.evaluate(model, val, lambda m, x, c=c: m(x, c))))
         for c in [sample_config(model.space, rng) for _ in range(a.probes)]]}
+    if kind == "entangled" and "rank" in todo:
+        spread = spread_configs(model, a.rank_k, seed)
+        per = score_configs(model, spread, val)
+        out["rank"] = [tuple(summarize(*per[config_key(c)])) for c in spread]
     if kind == "classic" or not {"search", "inherit"} & set(todo):
         return out
     # the table: every subnet of the table's sub-space, scored per image on validation
@@ -847,6 +852,106 @@ def run_seed(a, data, kind, seed, todo):
                           "retrained": tuple(utils.evaluate(sub, test)), "loss": hist[-1]["loss"]}
     print(f"[seed {seed}] entangled supernet trained and measured in {time.time() - t0:.0f} s")
     return out
+
+
+def spread_configs(supernet, k, seed):
+    """k subnets spread over the whole space: the smallest, the largest, and between them the
+    random subnets (of 400) whose parameter counts lie nearest k - 2 evenly spaced targets."""
+    rng = random.Random(f"spread/{seed}")
+    space = supernet.space
+    ends = [smallest_config(space), largest_config(space)]
+    lo, hi = (supernet.subnet_params(c) for c in ends)
+    pool = [sample_config(space, rng) for _ in range(400)]
+    inner = []
+    for i in range(1, k - 1):
+        target = lo + i * (hi - lo) / (k - 1)
+        inner.append(min(pool, key=lambda c: abs(supernet.subnet_params(c) - target)))
+    return [ends[0]] + inner + [ends[1]]
+
+
+def kendall_tau(a, b):
+    """Kendall's tau-a of two lists: (concordant - discordant pairs) / all pairs."""
+    s = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        s += np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])
+    return float(s / (len(a) * (len(a) - 1) / 2))
+
+
+def run_alone(a, data, seed, i):
+    """Subnet i of spread_configs(seed) trained alone from its slice of the seed's initial
+    supernet, on the supernet's batches and steps; scored on validation."""
+    device = utils.get_device(a.device)
+    torch.manual_seed(seed)
+    model = build_supernet(a, data.num_classes).to(device)
+    config = spread_configs(model, a.rank_k, seed)[i]
+    sub = extract_subnet(model, config)
+    train, val, _ = utils.make_loaders(data, batch_size=a.batch_size, device=device, seed=seed)
+    utils.train(sub, train, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, grad_clip=0,
+                log=lambda line: None)
+    return {"config": config_key(config), "params": model.subnet_params(config),
+            "val": tuple(utils.evaluate(sub, val))}
+
+
+def run_linear(a, data, seed):
+    """The control: a linear classifier on the pixels, the same recipe and batches."""
+    device = utils.get_device(a.device)
+    torch.manual_seed(seed)
+    pixels = a.image_size * a.image_size * 3
+    model = nn.Sequential(nn.Flatten(), nn.Linear(pixels, data.num_classes)).to(device)
+    train, val, test = utils.make_loaders(data, batch_size=a.batch_size, device=device, seed=seed)
+    utils.train(model, train, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay,
+                grad_clip=0, log=lambda line: None)
+    return {"val": tuple(utils.evaluate(model, val)), "test": tuple(utils.evaluate(model, test))}
+
+
+def run_job(a, data, kind, seed, todo):
+    """One job of a worker process: a supernet, a subnet trained alone ("alone3"), or the
+    linear control."""
+    if kind == "linear":
+        return run_linear(a, data, seed)
+    if kind.startswith("alone"):
+        return run_alone(a, data, seed, int(kind[5:]))
+    return run_seed(a, data, kind, seed, todo)
+
+
+def exp_rank(res, a):
+    """The premise of one-shot search: do inherited scores order subnets as training each alone
+    would? k subnets per supernet seed, spread from the smallest to the largest, on validation."""
+    seeds = sorted(s for k, s in res if k == "linear")
+    rows, taus, tau_acc, gaps, beat = [], [], [], [], []
+    for s in seeds:
+        alone = [res[(f"alone{i}", s)] for i in range(a.rank_k)]
+        inh = res[("entangled", s)]["rank"]
+        lin = res[("linear", s)]["val"]
+        # tau by NLL (the search's fitness; lower is better on both sides)
+        taus.append(kendall_tau([x[1] for x in inh], [x["val"][1] for x in alone]))
+        tau_acc.append(kendall_tau([x[0] for x in inh], [x["val"][0] for x in alone]))
+        gaps.append(alone[-1]["val"][0] - alone[0]["val"][0])
+        beat.append(sum(x["val"][0] > lin[0] for x in alone))
+        for x, y in zip(alone, inh):
+            rows.append([s, config_str(config_from_key(x["config"])), f"{x['params'] / 1e3:.1f}k",
+                         f"{x['val'][0]:.1f} / {x['val'][1]:.3f}", f"{y[0]:.1f} / {y[1]:.3f}"])
+        rows.append([s, "linear on pixels (control)", "", f"{lin[0]:.1f} / {lin[1]:.3f}", ""])
+    print(f"\n== rank: {len(seeds)} supernet seeds x {a.rank_k} subnets spread over the space, "
+          f"each trained alone for the supernet's {a.epochs} epochs; validation ==")
+    print_table(["seed", "subnet", "params", "alone val % / NLL", "inherited val % / NLL"], rows)
+    gap = utils.mean_ci(gaps)
+    tau = utils.mean_ci(taus)
+    print(f"Kendall tau(inherited, alone) by accuracy: {utils.fmt_ci(utils.mean_ci(tau_acc))}; "
+          f"per seed by NLL: {', '.join(f'{t:+.2f}' for t in taus)}")
+    print(f"control: linear classifier on pixels, val acc {utils.fmt_ci(utils.mean_ci([res[('linear', s)]['val'][0] for s in seeds]), 1)}; "
+          f"subnets trained alone that beat it: {sum(beat)} of {len(seeds) * a.rank_k}")
+    checks = [
+        f"entry check: capacity matters: largest \u2212 smallest sub-network trained alone = "
+        f"{gap[0]:+.1f} points [{gap[1]:+.1f}, {gap[2]:+.1f}] (needs \u2265 3) \u2192 "
+        f"{'met' if gap[0] >= 3 else 'not met'}",
+        f"entry check: the supernet ranks sub-networks: Kendall \u03c4(inherited, stand-alone) = "
+        f"{tau[0]:+.2f} [{tau[1]:+.2f}, {tau[2]:+.2f}] (needs > 0, aim \u2265 0.5) \u2192 "
+        f"{'met' if tau[1] > 0 else 'not met'}"]
+    for line in checks:
+        print(line)
+    return {"tau_nll": taus, "tau_acc": tau_acc, "gap": gaps, "beat_linear": beat,
+            "checks": checks, "rows": rows}
 
 
 def print_table(header, rows):
@@ -984,9 +1089,11 @@ def main(argv=None):
           f"{a.max_rel_pos}; parameter range {ok.bounds[0] / 1e3:.0f}k..{ok.bounds[1] / 1e3:.0f}k; "
           f"{a.seeds} seeds, {a.workers} worker(s)", flush=True)
     kinds = ["entangled"] + (["classic"] if "entangle" in a.experiments else [])
+    if "rank" in a.experiments:  # the largest first: long jobs first balance the workers
+        kinds += [f"alone{i}" for i in reversed(range(a.rank_k))] + ["linear"]
     jobs = [(a, data, k, a.seed + i, tuple(a.experiments)) for k in kinds for i in range(a.seeds)]
-    res = dict(zip([j[2:4] for j in jobs], utils.run_jobs(run_seed, jobs, workers=a.workers)))
-    results = {name: {"entangle": exp_entangle, "search": exp_search,
+    res = dict(zip([j[2:4] for j in jobs], utils.run_jobs(run_job, jobs, workers=a.workers)))
+    results = {name: {"rank": exp_rank, "entangle": exp_entangle, "search": exp_search,
                       "inherit": exp_inherit}[name](res, a) for name in a.experiments}
     if {"entangle", "search"} <= set(a.experiments):
         plot(res, os.path.join(out, "results.png"))
