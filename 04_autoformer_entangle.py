@@ -929,8 +929,10 @@ def exp_rank(res, a):
         gaps.append(alone[-1]["val"][0] - alone[0]["val"][0])
         beat.append(sum(x["val"][0] > lin[0] for x in alone))
         for x, y in zip(alone, inh):
-            rows.append([s, config_str(config_from_key(x["config"])), f"{x['params'] / 1e3:.1f}k",
-                         f"{x['val'][0]:.1f} / {x['val'][1]:.3f}", f"{y[0]:.1f} / {y[1]:.3f}"])
+            name = config_str(config_from_key(x["config"]))
+            alone_score = f"{x['val'][0]:.1f} / {x['val'][1]:.3f}"
+            rows.append([s, name, f"{x['params'] / 1e3:.1f}k", alone_score,
+                         f"{y[0]:.1f} / {y[1]:.3f}"])
         rows.append([s, "linear on pixels (control)", "", f"{lin[0]:.1f} / {lin[1]:.3f}", ""])
     print(f"\n== rank: {len(seeds)} supernet seeds x {a.rank_k} subnets spread over the space, "
           f"each trained alone for the supernet's {a.epochs} epochs; validation ==")
@@ -939,7 +941,8 @@ def exp_rank(res, a):
     tau = utils.mean_ci(taus)
     print(f"Kendall tau(inherited, alone) by accuracy: {utils.fmt_ci(utils.mean_ci(tau_acc))}; "
           f"per seed by NLL: {', '.join(f'{t:+.2f}' for t in taus)}")
-    print(f"control: linear classifier on pixels, val acc {utils.fmt_ci(utils.mean_ci([res[('linear', s)]['val'][0] for s in seeds]), 1)}; "
+    linear = utils.mean_ci([res[("linear", s)]["val"][0] for s in seeds])
+    print(f"control: linear classifier on pixels, val acc {utils.fmt_ci(linear, 1)}; "
           f"subnets trained alone that beat it: {sum(beat)} of {len(seeds) * a.rank_k}")
     checks = [
         f"entry check: capacity matters: largest \u2212 smallest sub-network trained alone = "
