@@ -721,11 +721,11 @@ def space_flags(space, table):  # the flags of a space and of its table (a sub-s
 
 PRESETS = {  # the full preset: the AutoFormer-T space (Table 1) on 32x32 CIFAR, patch 4
     "quick": dict(train_per_class=450, val_per_class=100, patch_size=8, batch_size=64, epochs=10,
-                  lr=2e-3, seeds=4, probes=20, rank_k=8, budget=100, population=10, parents=5, workers=2,
-                  threads=1, **space_flags(QUICK_SPACE, QUICK_TABLE)),
+                  lr=2e-3, seeds=4, probes=20, rank_k=8, budget=100, population=10, parents=5,
+                  workers=2, threads=1, **space_flags(QUICK_SPACE, QUICK_TABLE)),
     "full": dict(train_per_class=None, val_per_class=500, patch_size=4, batch_size=256, epochs=100,
-                 lr=1e-3, seeds=3, probes=50, rank_k=8, budget=1000, population=50, parents=10, workers=1,
-                 threads=None, **space_flags(
+                 lr=1e-3, seeds=3, probes=50, rank_k=8, budget=1000, population=50, parents=10,
+                 workers=1, threads=None, **space_flags(
                      SearchSpace((192, 216, 240), (12, 13, 14), (3, 4), (3.5, 4.0), 64),
                      SearchSpace((192, 216, 240), (12,), (3, 4), (4.0,), 64)))}
 for preset in PRESETS.values():  # the same in both
