@@ -137,7 +137,8 @@ def demo_entangled_weights():
     outside = int(changed[c_out:].sum() + changed[:, c_in:].sum())
     print(f"  slice == explicit index lists (max error {error:.1e}); one step on the "
           f"smallest subnet changed {int(changed.sum())} entries of W, all in "
-          f"W[:{c_out}, :{c_in}] ({outside} outside), inside every larger subnet's corner")
+          f"W[:{c_out}, :{c_in}] ({outside} outside), inside every larger subnet's "
+          f"corner")
     fig = Figure(figsize=(10, 3.4))
     panels = [(w0, "one entangled weight W (256 x 64)"),
               (changed, "changed by one step on the smallest subnet")]
@@ -905,9 +906,9 @@ class Archive(dict):
             if len(self) >= goal:
                 return self
             self.offer(sample_config(space, rng))
-        raise utils.InputError(f"found only {len(self)} distinct subnets in the parameter "
-                               f"range, fewer than {goal}: lower --budget or widen "
-                               f"--param-range")
+        raise utils.InputError(f"found only {len(self)} distinct subnets in the "
+                               f"parameter range, fewer than {goal}: lower --budget or "
+                               f"widen --param-range")
 
 # %% [markdown]
 # **The two searches.** Evolution: `population` random subnets, then per generation, from the
@@ -1052,7 +1053,7 @@ def synthetic_table(configs, seed=0):
 
 def demo_search(runs=100, budget=100, p_depth=0.2, p_layer=0.4,
                 param_range=(0.35, 0.70)):
-    """Evolution vs random search on the synthetic table: regret, mean +- SE over runs."""
+    """Evolution vs random search on the synthetic table: regret, mean +- SE."""
     from matplotlib.figure import Figure
     sn = SuperViT(QUICK_SPACE, **QUICK_IMAGE)  # the range is relative to the whole space
     configs = all_configs(QUICK_TABLE)
@@ -1068,8 +1069,8 @@ def demo_search(runs=100, budget=100, p_depth=0.2, p_layer=0.4,
         res[m] = {"regret": float(final.mean()), "found": float(np.mean(final == 0))}
         parts.append(f"{m} {res[m]['regret']:.3f} ({100 * res[m]['found']:.0f}%)")
     n_in = sum(map(ok, configs))
-    print(f"  {n_in} of {len(configs)} subnets in range; after {budget} evaluations, mean "
-          f"regret (share of runs that found the optimum): {', '.join(parts)}")
+    print(f"  {n_in} of {len(configs)} subnets in range; after {budget} evaluations, "
+          f"mean regret (share of runs that found the optimum): {', '.join(parts)}")
     fig = Figure(figsize=(6, 3.4))
     ax = fig.add_subplot()
     n = np.arange(1, budget + 1)
@@ -1225,20 +1226,24 @@ FLAGS = {
     "max_rel_pos": ("relative positions clipped at this distance R; 0: none",
                     {"type": utils.nonneg_int}),
     "batch_size": "batch size", "epochs": "epochs of every supernet and subnet trained",
-    "lr": "peak learning rate (AdamW, warmup + cosine)", "weight_decay": ("AdamW", ZERO_OK),
-    "seeds": "supernet seeds, the n of every verdict (each seed trains its own supernets)",
+    "lr": "peak learning rate (AdamW, warmup + cosine)",
+    "weight_decay": ("AdamW", ZERO_OK),
+    "seeds": "supernet seeds, the n of every verdict (each seed trains its own "
+             "supernets)",
     "rank_k": "rank: subnets per seed, spread over the space, each trained alone",
     "probes": "entangle: random subnets scored with both supernets of a seed",
     "table_embed_dims": "search: C of the sub-space scored exhaustively (the table)",
     "table_depths": "search: the table's depths", "table_num_heads": "search: its heads",
     "table_mlp_ratios": "search: its MLP ratios", "budget": "evaluations per search run",
-    "param_range": ("search: LO,HI, the allowed subnet size as fractions of the way from the "
-                    "space's smallest to its largest subnet", {"type": utils.comma_list(float)}),
-    "runs": "search runs per method and table", "parents": "evolution: top-k kept (paper 10)",
+    "param_range": ("search: LO,HI, the allowed subnet size as fractions of the way "
+                    "from the space's smallest to its largest subnet",
+                    {"type": utils.comma_list(float)}),
+    "runs": "search runs per method and table",
+    "parents": "evolution: top-k kept (paper 10)",
     "population": "evolution: candidates per generation (paper 50)",
     "p_depth": ("Pd: probability to re-draw depth and C (paper 0.2)", ZERO_OK),
-    "p_layer": ("Pm: probability to re-draw each block's heads, its MLP ratio (paper 0.4)",
-                ZERO_OK)}
+    "p_layer": ("Pm: probability to re-draw each block's heads, its MLP ratio "
+                "(paper 0.4)", ZERO_OK)}
 
 
 def check(a):
@@ -1255,8 +1260,9 @@ def check(a):
     for n in ("embed_dims", "depths", "num_heads", "mlp_ratios"):
         flag = n.replace("_", "-")
         extra = set(getattr(a, "table_" + n)) - set(getattr(a, n))
-        rules.append((extra, f"--table-{flag} must be a subset of --{flag}: the table is part "
-                             f"of the space"))
+        text = (f"--table-{flag} must be a subset of --{flag}: the table is part of "
+                f"the space")
+        rules.append((extra, text))
     for bad, text in rules:
         if bad:
             raise utils.InputError(text)
@@ -1335,7 +1341,7 @@ def spread_configs(supernet, k, seed):
 
 
 def kendall_tau(a, b):
-    """Kendall's tau-a of two equally long lists: (concordant - discordant) / all pairs."""
+    """Kendall's tau-a of two lists: (concordant - discordant pairs) / all pairs."""
     s = 0
     for i, j in itertools.combinations(range(len(a)), 2):
         s += np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])
@@ -1350,7 +1356,8 @@ def run_alone(a, data, seed, i):
     supernet = build_supernet(a, data.num_classes).to(device)
     config = spread_configs(supernet, a.rank_k, seed)[i]
     sub = extract_subnet(supernet, config)
-    train, val, _ = utils.make_loaders(data, batch_size=a.batch_size, device=device, seed=seed)
+    loaders = utils.make_loaders(data, batch_size=a.batch_size, device=device, seed=seed)
+    train, val, _ = loaders
     utils.train(sub, train, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay,
                 grad_clip=0, log=quiet)
     return {"config": config_key(config), "params": subnet_params(supernet, config),
@@ -1363,10 +1370,12 @@ def run_linear(a, data, seed):
     torch.manual_seed(seed)
     pixels = 3 * a.image_size * a.image_size
     model = nn.Sequential(nn.Flatten(), nn.Linear(pixels, data.num_classes)).to(device)
-    train, val, test = utils.make_loaders(data, batch_size=a.batch_size, device=device, seed=seed)
+    loaders = utils.make_loaders(data, batch_size=a.batch_size, device=device, seed=seed)
+    train, val, test = loaders
     utils.train(model, train, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay,
                 grad_clip=0, log=quiet)
-    return {"val": tuple(utils.evaluate(model, val)), "test": tuple(utils.evaluate(model, test))}
+    val_score = tuple(utils.evaluate(model, val))
+    return {"val": val_score, "test": tuple(utils.evaluate(model, test))}
 
 # %% [markdown]
 # **The search, measured on a table.** Every subnet of the table's sub-space is scored once on
@@ -1376,7 +1385,7 @@ def run_linear(a, data, seed):
 
 # %%
 def split_half(per, inside, seed, n_val):
-    """Correlation of the in-range subnets' (accuracy, NLL) on two random halves of validation."""
+    """Correlation of the in-range subnets' (accuracy, NLL) on two validation halves."""
     half = torch.rand(n_val, generator=torch.Generator().manual_seed(seed)) < 0.5
     halves = []
     for mask in (half, ~half):
@@ -1391,16 +1400,17 @@ def split_half(per, inside, seed, n_val):
 
 
 def measure_search(a, model, loaders, seed):
-    """The table of `model`, both searches replayed on it, and test scores of what they pick."""
+    """The table of `model`, both searches replayed on it, test scores of their picks."""
     _, val, test = loaders
     ok = in_range(model, a.param_range)
     per = score_configs(model, all_configs(space_of(a, "table_")), val)
     inside = [k for k in per if ok(config_from_key(k))]
     fitness = fitness_from_scores(per)
     chosen = max(inside, key=fitness.get)  # the optimum: what a search that finds it returns
-    curves = search_curves(fitness, space_of(a, "table_"), constraint=ok, budget=a.budget,
-                           runs=a.runs, seed=seed, population=a.population,
-                           parents=a.parents, p_depth=a.p_depth, p_layer=a.p_layer)
+    curves = search_curves(fitness, space_of(a, "table_"), constraint=ok,
+                           budget=a.budget, runs=a.runs, seed=seed,
+                           population=a.population, parents=a.parents,
+                           p_depth=a.p_depth, p_layer=a.p_layer)
     picks = {chosen}
     for _, run_picks in curves.values():
         picks |= {config_key(c) for c in run_picks}
@@ -1412,8 +1422,9 @@ def measure_search(a, model, loaders, seed):
         search[method] = {"regret": (1000 * reg.mean(0)).tolist(),
                           "found": float(np.mean(reg[:, -1] == 0)),
                           "picks_test_acc": float(np.mean(pick_acc))}
-    return {"table": len(per), "in_range": len(inside), "chosen": chosen, "search": search,
-            "split_half": split_half(per, inside, seed, len(val.y)),
+    n_val = len(next(iter(per.values()))[0])
+    return {"table": len(per), "in_range": len(inside), "chosen": chosen,
+            "search": search, "split_half": split_half(per, inside, seed, n_val),
             "chosen_test": tuple(test_scores[chosen])}
 
 # %% [markdown]
@@ -1423,7 +1434,7 @@ def measure_search(a, model, loaders, seed):
 
 # %%
 def run_seed(a, data, kind, seed, todo):
-    """The `kind` supernet of `seed`, trained, then measured for the experiments in `todo`."""
+    """The `kind` supernet of `seed`, trained, then measured for the experiments."""
     device = utils.get_device(a.device)
     t0 = time.time()
     log = print if seed == a.seed else quiet
@@ -1453,7 +1464,8 @@ def run_seed(a, data, kind, seed, todo):
         out["inherit"] = {"inherited": out["chosen_test"],
                           "retrained": tuple(utils.evaluate(sub, loaders[2])),
                           "loss": hist[-1]["loss"]}
-    print(f"[seed {seed}] entangled supernet trained and measured in {time.time() - t0:.0f} s",
+    seconds = time.time() - t0
+    print(f"[seed {seed}] entangled supernet trained and measured in {seconds:.0f} s",
           flush=True)
     return out
 
@@ -1481,7 +1493,7 @@ def print_table(header, rows):
 
 
 def rank_rows(res, a, s):
-    """The rank table's rows of seed s: each subnet alone and inherited, then the control."""
+    """The rank table's rows of seed s: each subnet alone and inherited, the control."""
     alone = [res[(f"alone{i}", s)] for i in range(a.rank_k)]
     rows = []
     for x, inherited in zip(alone, res[("entangled", s)]["rank"]):
@@ -1490,7 +1502,8 @@ def rank_rows(res, a, s):
                      f"{x['val'][0]:.1f} / {x['val'][1]:.3f}",
                      f"{inherited[0]:.1f} / {inherited[1]:.3f}"])
     lin = res[("linear", s)]["val"]
-    rows.append([s, "linear on pixels (control)", "", f"{lin[0]:.1f} / {lin[1]:.3f}", ""])
+    lin_score = f"{lin[0]:.1f} / {lin[1]:.3f}"
+    rows.append([s, "linear on pixels (control)", "", lin_score, ""])
     return rows
 
 
@@ -1502,8 +1515,9 @@ def entry_checks(gap, tau):
     return [
         f"entry check: capacity matters: largest − smallest sub-network trained alone = "
         f"{gap[0]:+.1f} points [{gap[1]:+.1f}, {gap[2]:+.1f}] (needs ≥ 3) → {met_gap}",
-        f"entry check: the supernet ranks sub-networks: Kendall τ(inherited, stand-alone) = "
-        f"{tau[0]:+.2f} [{tau[1]:+.2f}, {tau[2]:+.2f}] (needs > 0, aim ≥ 0.5) → {met_tau}"]
+        f"entry check: the supernet ranks sub-networks: Kendall τ(inherited, "
+        f"stand-alone) = {tau[0]:+.2f} [{tau[1]:+.2f}, {tau[2]:+.2f}] (needs > 0, "
+        f"aim ≥ 0.5) → {met_tau}"]
 
 
 def exp_rank(res, a):
@@ -1524,22 +1538,25 @@ def exp_rank(res, a):
         taus_acc.append(kendall_tau([x[0] for x in inherited], [x[0] for x in alone]))
         gaps.append(alone[-1][0] - alone[0][0])  # largest minus smallest, accuracy points
         beat += sum(x[0] > res[("linear", s)]["val"][0] for x in alone)
-    print(f"\n== rank: {len(seeds)} supernet seeds x {a.rank_k} subnets spread over the "
-          f"space, each trained alone for the supernet's {a.epochs} epochs; validation ==")
-    print_table(["seed", "subnet", "params", "alone val % / NLL", "inherited val % / NLL"],
-                rows)
+    print(f"\n== rank: {len(seeds)} supernet seeds x {a.rank_k} subnets spread over "
+          f"the space, each trained alone for the supernet's {a.epochs} epochs; "
+          f"validation ==")
+    header = ["seed", "subnet", "params", "alone val % / NLL", "inherited val % / NLL"]
+    print_table(header, rows)
     linear = utils.mean_ci([res[("linear", s)]["val"][0] for s in seeds])
     tau = utils.mean_ci(taus)
     tau_acc = utils.mean_ci(taus_acc)
-    print(f"Kendall τ(inherited, alone) per seed, by NLL: "
-          f"{', '.join(f'{t:+.2f}' for t in taus)}; by accuracy: {utils.fmt_ci(tau_acc)}")
+    per_seed = ", ".join(f"{t:+.2f}" for t in taus)
+    print(f"Kendall τ(inherited, alone) per seed, by NLL: {per_seed}; by accuracy: "
+          f"{utils.fmt_ci(tau_acc)}")
     print(f"control: linear classifier on pixels, val acc {utils.fmt_ci(linear, 1)}; "
           f"subnets trained alone that beat it: {beat} of {len(seeds) * a.rank_k}")
     checks = entry_checks(utils.mean_ci(gaps), tau)
     for line in checks:
         print(line)
     out = os.path.join(a.out_dir, "rank.json")
-    utils.save_results(out, vars(a), {"fingerprint": supernet_fingerprint(a), "checks": checks})
+    saved = {"fingerprint": supernet_fingerprint(a), "checks": checks}
+    utils.save_results(out, vars(a), saved)
     return {"tau_nll": taus, "tau_acc": taus_acc, "gap": gaps, "beat_linear": beat,
             "linear_val": [res[("linear", s)]["val"] for s in seeds],
             "linear_test": [res[("linear", s)]["test"] for s in seeds],
@@ -1555,38 +1572,45 @@ def exp_entangle(res, a):
         acc = [np.mean([p[1][0] for p in res[(kind, s)]["probes"]]) for s in seeds]
         nll = [np.mean([p[1][1] for p in res[(kind, s)]["probes"]]) for s in seeds]
         mean[kind] = [acc, nll]
-    print(f"\n== entangle: {len(seeds)} seeds x {a.probes} random subnets, inherited weights ==")
+    print(f"\n== entangle: {len(seeds)} seeds x {a.probes} random subnets, inherited "
+          f"weights ==")
     rows = []
     for j, s in enumerate(seeds):
         loss = [res[(k, s)]["history"][-1]["loss"] for k in mean]
         rows.append([s, f"{loss[0]:.3f} / {loss[1]:.3f}",
                      f"{mean['entangled'][0][j]:.1f} / {mean['classic'][0][j]:.1f}",
                      f"{mean['entangled'][1][j]:.3f} / {mean['classic'][1][j]:.3f}"])
-    print_table(["seed", "final train loss ent / cls", "val acc % ent / cls (mean of subnets)",
-                 "val NLL ent / cls"], rows)
+    header = ["seed", "final train loss ent / cls",
+              "val acc % ent / cls (mean of subnets)", "val NLL ent / cls"]
+    print_table(header, rows)
     wins = 0
     probes = {}
     for s in seeds:
         pairs = list(zip(res[("entangled", s)]["probes"], res[("classic", s)]["probes"]))
         wins += sum(e[1][0] > c[1][0] for e, c in pairs)
-        probes[s] = [[config_str(config_from_key(e[0])), e[1][0], c[1][0]] for e, c in pairs]
+        probes[s] = []
+        for e, c in pairs:  # (config, inherited val acc entangled, classic)
+            probes[s].append([config_str(config_from_key(e[0])), e[1][0], c[1][0]])
     sizes = [f"{res[(k, seeds[0])]['params']:,}" for k in mean]
     print(f"entangled > classic on {wins}/{len(seeds) * a.probes} (seed, subnet) pairs; "
           f"supernet parameters: {sizes[0]} vs {sizes[1]}")
     kw = dict(name_a="entangled", name_b="classic", pairs="paired supernet seeds")
     verdicts = [utils.compare_paired(mean["entangled"][0], mean["classic"][0], **kw),
-                utils.compare_paired(mean["entangled"][1], mean["classic"][1], unit="nats",
-                                     digits=3, higher_is_better=False, bound=0.02, **kw)]
+                utils.compare_paired(mean["entangled"][1], mean["classic"][1],
+                                     unit="nats", digits=3, higher_is_better=False,
+                                     bound=0.02, **kw)]
     return {"wins": wins, "per_seed": mean, "probes": probes, "verdicts": verdicts}
 
 
 def search_rows(seeds, per_seed, marks):
-    """The search table's rows: regret at some budgets, optimum found, the picks' test score."""
+    """The search table's rows: regret at some budgets, optimum found, the picks."""
     rows = []
     for s, r in zip(seeds, per_seed):
         ev = r["evolution"]
         rn = r["random"]
-        row = [s] + [f"{ev['regret'][n - 1]:.2f} / {rn['regret'][n - 1]:.2f}" for n in marks]
+        row = [s]
+        for n in marks:
+            row.append(f"{ev['regret'][n - 1]:.2f} / {rn['regret'][n - 1]:.2f}")
         row.append(f"{100 * ev['found']:.0f}% / {100 * rn['found']:.0f}%")
         row.append(f"{ev['picks_test_acc']:.2f} / {rn['picks_test_acc']:.2f}")
         rows.append(row)
@@ -1594,10 +1618,11 @@ def search_rows(seeds, per_seed, marks):
 
 
 def supernet_fingerprint(a):
-    """The settings that fix a run's supernets: equal fingerprints, the same supernets."""
+    """The settings that fix a run's supernets: same fingerprint, same supernets."""
     names = ("data", "image_size", "patch_size", "train_per_class", "val_per_class",
-             "batch_size", "epochs", "lr", "weight_decay", "seed", "seeds", "max_rel_pos",
-             "embed_dims", "depths", "num_heads", "mlp_ratios", "head_dim")
+             "batch_size", "epochs", "lr", "weight_decay", "seed", "seeds",
+             "max_rel_pos", "embed_dims", "depths", "num_heads", "mlp_ratios",
+             "head_dim")
     return {n: str(getattr(a, n)) for n in names}
 
 
@@ -1622,30 +1647,34 @@ def exp_search(res, a, checks=()):
     first = res[("entangled", seeds[0])]
     per_seed = [res[("entangled", s)]["search"] for s in seeds]
     marks = sorted({10, 30, a.budget} & set(range(1, a.budget + 1)))
-    print(f"\n== search: {len(seeds)} tables (one per supernet seed) of {first['table']} "
-          f"subnets, {first['in_range']} in range; {a.runs} runs per method and table; "
-          f"population {a.population}, top-{a.parents}, Pd={a.p_depth}, Pm={a.p_layer} ==")
+    print(f"\n== search: {len(seeds)} tables (one per supernet seed) of "
+          f"{first['table']} subnets, {first['in_range']} in range; {a.runs} runs per "
+          f"method and table; population {a.population}, top-{a.parents}, "
+          f"Pd={a.p_depth}, Pm={a.p_layer} ==")
     header = ["seed"] + [f"regret @{n} evo / rnd (millinats)" for n in marks]
     header += ["found the optimum evo / rnd", "picks' test % evo / rnd"]
     print_table(header, search_rows(seeds, per_seed, marks))
     rel = {}
     for k in ("nll", "acc"):
         rel[k] = utils.mean_ci([res[("entangled", s)]["split_half"][k] for s in seeds])
-    print(f"fitness reliability: correlation of the in-range subnets' scores on two random "
-          f"halves of the validation images, mean over tables: NLL {utils.fmt_ci(rel['nll'])}, "
-          f"accuracy {utils.fmt_ci(rel['acc'])}")
+    print(f"fitness reliability: correlation of the in-range subnets' scores on two "
+          f"random halves of the validation images, mean over tables: NLL "
+          f"{utils.fmt_ci(rel['nll'])}, accuracy {utils.fmt_ci(rel['acc'])}")
     for line in checks:  # what the verdicts below rest on
         print(line)
     final = {m: [r[m]["regret"][-1] for r in per_seed] for m in ("evolution", "random")}
-    picks = {m: [r[m]["picks_test_acc"] for r in per_seed] for m in ("evolution", "random")}
+    picks = {}
+    for m in ("evolution", "random"):
+        picks[m] = [r[m]["picks_test_acc"] for r in per_seed]
     kw = dict(name_a="evolution", name_b="random", pairs="tables (supernet seeds)")
     verdicts = [utils.compare_paired(final["evolution"], final["random"],
                                      unit="millinats of regret", digits=2,
                                      higher_is_better=False, bound=0.5, **kw),
-                utils.compare_paired(picks["evolution"], picks["random"], digits=2, bound=0.5,
-                                     **{**kw, "name_a": "evolution picks",
-                                        "name_b": "random picks"})]
-    return {"split_half": rel, "per_seed": dict(zip(seeds, per_seed)), "verdicts": verdicts}
+                utils.compare_paired(picks["evolution"], picks["random"], digits=2,
+                                     bound=0.5, **{**kw, "name_a": "evolution picks",
+                                                   "name_b": "random picks"})]
+    return {"split_half": rel, "per_seed": dict(zip(seeds, per_seed)),
+            "verdicts": verdicts}
 
 
 def exp_inherit(res, a):
@@ -1653,22 +1682,24 @@ def exp_inherit(res, a):
     from the supernet's initial values on the same batches. n = seeds."""
     seeds = sorted(s for kind, s in res if kind == "entangled")
     runs = [res[("entangled", s)] for s in seeds]
-    print(f"\n== inherit: each seed's best in-range subnet by val NLL, inherited vs retrained "
-          f"{a.epochs} epochs, on the test set ==")
+    print(f"\n== inherit: each seed's best in-range subnet by val NLL, inherited vs "
+          f"retrained {a.epochs} epochs, on the test set ==")
     rows = []
     for s, x in zip(seeds, runs):
         row = [s, config_str(config_from_key(x["chosen"]))]
         for k in ("inherited", "retrained"):
             row.append(f"{x['inherit'][k][0]:.1f} / {x['inherit'][k][1]:.3f}")
         rows.append(row)
-    print_table(["seed", "subnet", "inherited test % / NLL", "retrained test % / NLL"], rows)
+    header = ["seed", "subnet", "inherited test % / NLL", "retrained test % / NLL"]
+    print_table(header, rows)
     arm = {}
     for k in ("inherited", "retrained"):
         arm[k] = list(zip(*[x["inherit"][k] for x in runs]))  # ([acc per seed], [nll ...])
     kw = dict(name_a="inherited", name_b="retrained", pairs="paired supernet seeds")
     verdicts = [utils.compare_paired(arm["inherited"][0], arm["retrained"][0], **kw),
-                utils.compare_paired(arm["inherited"][1], arm["retrained"][1], unit="nats",
-                                     digits=3, higher_is_better=False, bound=0.03, **kw)]
+                utils.compare_paired(arm["inherited"][1], arm["retrained"][1],
+                                     unit="nats", digits=3, higher_is_better=False,
+                                     bound=0.03, **kw)]
     return {"chosen": [x["chosen"] for x in runs], "arms": arm, "verdicts": verdicts}
 
 # %% [markdown]
@@ -1677,7 +1708,7 @@ def exp_inherit(res, a):
 
 # %%
 def plot(res, path):
-    """Left: inherited vs alone val NLL of the rank subnets; right: regret over tables."""
+    """Left: inherited vs alone val NLL of the rank subnets; right: regret curves."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 3.6))
     ax = fig.add_subplot(1, 2, 1)
@@ -1714,7 +1745,8 @@ def full_preset_models(num_classes=10):
     for kind in ("entangled", "classic"):
         model = build_supernet(a, num_classes, kind)
         big = largest_config(model.space)
-        out[f"{kind} supernet"] = (model, supernet_step(lambda big=big: big), a.image_size)
+        step = supernet_step(lambda big=big: big)
+        out[f"{kind} supernet"] = (model, step, a.image_size)
     big = largest_config(out["entangled supernet"][0].space)
     sub = build_subnet(out["entangled supernet"][0], big)
     out["retrained subnet (largest)"] = (sub, None, a.image_size)
@@ -1727,7 +1759,7 @@ def full_preset_models(num_classes=10):
 
 # %%
 def make_jobs(a, data):
-    """(a, data, kind, seed, todo) for every job the chosen experiments need, longest first."""
+    """(a, data, kind, seed, todo) of every job the experiments need, longest first."""
     kinds = ["entangled"]
     if "entangle" in a.experiments:
         kinds.append("classic")
@@ -1753,13 +1785,16 @@ def main(argv=None):
     ok = in_range(build_supernet(a, data.num_classes), a.param_range)
     n_in = sum(map(ok, all_configs(space_of(a, "table_"))))
     if {"search", "inherit"} & set(a.experiments) and a.budget > n_in:
-        raise utils.InputError(f"--budget {a.budget} is more than the {n_in} table subnets in "
-                               f"the parameter range: lower it or widen --param-range")
-    print(f"data: {len(data.y_train)} train / {len(data.y_val)} val (carved from train) / "
-          f"{len(data.y_test)} test images of {a.image_size}x{a.image_size}, patch "
-          f"{a.patch_size}; {space_of(a)}, relative positions clipped at {a.max_rel_pos}; "
-          f"parameter range {ok.bounds[0] / 1e3:.0f}k..{ok.bounds[1] / 1e3:.0f}k; {a.seeds} "
-          f"seeds, {a.workers} worker(s)", flush=True)
+        raise utils.InputError(f"--budget {a.budget} is more than the {n_in} table "
+                               f"subnets in the parameter range: lower it or widen "
+                               f"--param-range")
+    lo = ok.bounds[0] / 1e3
+    hi = ok.bounds[1] / 1e3
+    print(f"data: {len(data.y_train)} train / {len(data.y_val)} val (carved from train) "
+          f"/ {len(data.y_test)} test images of {a.image_size}x{a.image_size}, patch "
+          f"{a.patch_size}; {space_of(a)}, relative positions clipped at "
+          f"{a.max_rel_pos}; parameter range {lo:.0f}k..{hi:.0f}k; {a.seeds} seeds, "
+          f"{a.workers} worker(s)", flush=True)
     jobs = make_jobs(a, data)
     done = utils.run_jobs(run_job, jobs, workers=a.workers)
     res = {(j[2], j[3]): r for j, r in zip(jobs, done)}

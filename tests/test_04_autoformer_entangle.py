@@ -489,6 +489,18 @@ def test_main_end_to_end_on_any_dataset(tiny_gray_folder, tmp_path, capsys):
             [v["per_pair"] for v in res[name]["verdicts"]], f"{name}: a rerun must be identical"
     assert again["rank"]["tau_nll"] == res["rank"]["tau_nll"]
     assert again["rank"]["checks"] == res["rank"]["checks"]
+    # run alone, the search prints the entry checks the rank run saved for the same supernets
+    capsys.readouterr()
+    m.main(["--quick", "--data", tiny_gray_folder, "--out", str(out), "--workers", "1",
+            "--experiment", "search", *TINY])
+    printed = capsys.readouterr().out
+    search_part = printed[printed.index("== search:"):]
+    for line in res["rank"]["checks"]:
+        assert search_part.index(line) < search_part.index("evolution \u2212 random")
+    # but not those of other supernets (another epoch count)
+    m.main(["--quick", "--data", tiny_gray_folder, "--out", str(out), "--workers", "1",
+            "--experiment", "search", *TINY, "--epochs", "1"])
+    assert "entry check" not in capsys.readouterr().out
 
 
 def test_worker_processes_give_the_same_results(tiny_gray_folder):
