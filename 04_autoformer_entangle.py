@@ -5,7 +5,9 @@ supernet holds every candidate of a search space; an evolutionary search picks o
 
 Run:
     python 04_autoformer_entangle.py --demo                  # no data, seconds: checks, figures
-    python 04_autoformer_entangle.py --quick --data cifar10  # 2-core CPU, minutes
+    python 04_autoformer_entangle.py --quick --experiment rank --data cifar10
+                                  # 2-core CPU, minutes: does the supernet rank subnets?
+    python 04_autoformer_entangle.py --quick --data cifar10  # the paper's claims, minutes
     python 04_autoformer_entangle.py --data cifar10          # full preset: one GPU
 """
 import itertools
@@ -322,7 +324,11 @@ class SuperBlock(nn.Module):
 # %%
 @dataclass(frozen=True)
 class SearchSpace:
-    """The choices of Table 1; the head width d is fixed."""
+    """The choices of Table 1; the head width d is fixed.
+
+    embed_dims: the widths C; depths: the depths L; num_heads: N_h per block; mlp_ratios: r
+    per block; head_dim: d. Frozen, so a space can be a default argument and a dict key.
+    """
     embed_dims: tuple
     depths: tuple
     num_heads: tuple
@@ -346,7 +352,12 @@ class SearchSpace:
 
 # %%
 def init_vit(model):
-    """trunc_normal(0.02) linear weights, zero biases, LayerNorm 1 and 0."""
+    """trunc_normal(0.02) linear weights, zero biases, LayerNorm 1 and 0.
+
+    Small weights make every attention row start nearly uniform and every residual branch
+    start small, so a deep ViT begins close to the identity plus an average over tokens.
+    The supernet, the classic baseline and every plain ViT start from the same rule.
+    """
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -538,7 +549,11 @@ class Block(nn.Module):
 
 # %%
 class ViT(nn.Module):
-    """A plain ViT whose blocks may differ in heads and MLP width: what a subnet is."""
+    """A plain ViT whose blocks may differ in heads and MLP width: what a subnet is.
+
+    num_heads and mlp_hidden are per-block sequences (N_h and M of each block); their length
+    is the depth L. The head reads the mean of the patch tokens, as in the supernet.
+    """
 
     def __init__(self, *, image_size, patch_size, num_classes, embed_dim, num_heads,
                  mlp_hidden, head_dim, max_rel):
@@ -574,7 +589,9 @@ class ViT(nn.Module):
 
 # %%
 def sample_config(space, rng):
-    """A random subnet as training samples it; rng: a seeded random.Random."""
+    """A random subnet as training samples it; rng: a seeded random.Random, so that the
+    same seed gives the same sequence of subnets (the entangled and the classic supernet of
+    a seed train the same subnet at every step)."""
     C = rng.choice(space.embed_dims)
     L = rng.choice(space.depths)
     heads = tuple(rng.choice(space.num_heads) for _ in range(L))
@@ -878,7 +895,11 @@ def crossover(a, b, rng):
 
 # %%
 class Archive(dict):
-    """config_key -> (fitness, config) of every subnet scored so far, in order."""
+    """config_key -> (fitness, config) of every subnet scored so far, in order.
+
+    A dict keeps insertion order, so the n-th entry is the n-th evaluation: `best_so_far`
+    reads the search's history from it without a separate log.
+    """
 
     def __init__(self, fitness, constraint):
         super().__init__()
@@ -956,7 +977,9 @@ def random_search(fitness, space, *, constraint, budget, rng):
 
 # %%
 def in_range(supernet, fractions):
-    """The search's constraint, a function config -> bool (its bounds in .bounds)."""
+    """The search's constraint, a function config -> bool (its bounds in .bounds).
+    fractions: (lo, hi), e.g. (0.35, 0.70): from 35% to 70% of the way between the sizes of
+    the smallest and the largest subnet."""
     lo = subnet_params(supernet, smallest_config(supernet.space))
     hi = subnet_params(supernet, largest_config(supernet.space))
     bounds = (lo + fractions[0] * (hi - lo), lo + fractions[1] * (hi - lo))
@@ -987,6 +1010,8 @@ def fitness_from_scores(per_image):
     validation NLL, so that the best subnet has the highest fitness."""
     fitness = {}
     for key, (_, nll) in per_image.items():
+        # one number per subnet: every validation image counts equally; the minus sign
+        # turns "lower NLL is better" into "higher fitness is better", as the search wants
         fitness[key] = -nll.double().mean().item()
     return fitness
 
@@ -1000,7 +1025,8 @@ def fitness_from_scores(per_image):
 # %%
 def search_curves(table, space, *, constraint, budget, runs, seed, **evolution):
     """{method: (regret (runs, budget) array, [each run's pick])} on a table
-    {config_key: fitness} (higher is better)."""
+    {config_key: fitness} (higher is better). `evolution`: the keyword arguments of
+    evolution_search (population, parents, p_depth, p_layer)."""
     best = max(f for k, f in table.items() if constraint(config_from_key(k)))
 
     def fitness(c):
