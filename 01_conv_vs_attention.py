@@ -205,7 +205,8 @@ class MultiHeadSelfAttention2d(nn.Module):
 # $K^2$ kernel offsets $\Delta \in \{-\lfloor K/2 \rfloor, \dots, \lfloor K/2 \rfloor\}^2$.
 # Compare with MHSA: if head $h$ put all its attention on the one key $q + \Delta_h$, it
 # would return $X_{q+\Delta_h} W^h_V W^h_O$, and the sum over heads would be the convolution
-# as soon as $W^h_V W^h_O$ is the kernel slice of $\Delta_h$. That is the paper's Lemma 1.
+# as soon as $W^h_V W^h_O = W[:, :, \Delta_h]^\top$ (transposed, as $X_q$ is a row vector).
+# That is the paper's Lemma 1.
 # Its Lemma 2 shows that the quadratic encoding of section 1 can make each head attend to
 # one offset. The recipe, with head $h = iK + j$ taking kernel tap $(i, j)$ at offset
 # $\Delta_h = (i - \lfloor K/2 \rfloor, j - \lfloor K/2 \rfloor)$:
@@ -1044,7 +1045,7 @@ class FastLocalSelfAttention2d(LocalSelfAttention2d):
 #    its weights into a `MultiHeadSelfAttention2d(positional="learned")` (which tables go
 #    where? the global layer needs $W_O = I$). Check that the two outputs agree within 1e-5:
 #    local attention with a full window is global attention.
-# 5. **Left from right** (★★, no data, seconds). Zero `rel_q`, `rel_k` and `rel_v` of an
+# 5. **Left from right** (★, no data, seconds). Zero `rel_q`, `rel_k` and `rel_v` of an
 #    `AxialAttention2d` in eval mode, and mirror an input left to right. Predict what
 #    happens to the output, then check it. What does this say about attention without
 #    positions, and about the task "is the red pixel left of the blue one"?
