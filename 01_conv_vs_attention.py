@@ -7,7 +7,7 @@ attention (Axial-DeepLab: Wang et al., ECCV 2020, arXiv:2003.07853).
 
 Run:
     python 01_conv_vs_attention.py --demo                  # no data, seconds: checks, figures
-    python 01_conv_vs_attention.py --quick --data cifar10  # 2-core CPU, ~6 min (or --data DIR)
+    python 01_conv_vs_attention.py --quick --data cifar10  # 2-core CPU, ~7 min (or --data DIR)
     python 01_conv_vs_attention.py --data cifar10          # full preset: one GPU
     python 01_conv_vs_attention.py --bench --threads 1     # SASA: reference vs fast path
 """
@@ -1238,10 +1238,19 @@ def train_all(args, data, todo, device):
     results = utils.run_jobs(train_job, job_args, workers=args.workers)
     print(f"all runs done in {time.time() - t0:.0f} s", flush=True)
     runs = {(r["arm"], r["per_class"], r["seed"]): r for r in results}
-    return {"per_class": per_class, "small": small, "runs": runs}
+    return {"per_class": per_class, "small": small, "runs": runs,
+            "classes": data.num_classes}
 
 
 # %%
+def entry_check(claim, precondition, measured, needs, met):
+    """Print whether the regime lets a claim act, before its verdict, in the one wording."""
+    word = "met" if met else "not met"
+    line = f"entry check: {claim}: {precondition} = {measured} (needs {needs}) → {word}"
+    print(line, flush=True)
+    return {"line": line, "met": bool(met)}
+
+
 def paired(runs, arm_a, arm_b, per_class, key):
     """Per-seed values of metric `key` for two arms, over the seeds both have."""
     seeds = sorted(s for (a, n, s) in runs if a == arm_a and n == per_class
@@ -1285,10 +1294,20 @@ def exp_compare(args, trained):
     lines.append(f"{n} training images per class, batch {args.batch_size}; scored on "
                  f"{rs[0]['test_images']:,d} test images; img/s: one process, 1 thread")
     print("\n".join(lines), flush=True)
+    # entry checks: the models are parameter-matched, and the reference learns here
+    ratios = [rows[arm]["params"] / rows["all-conv"]["params"] for arm in args.models]
+    checks = [entry_check("attention vs conv at matched parameters",
+                          "parameters / all-conv's", f"{min(ratios):.3f} to {max(ratios):.3f}",
+                          "0.90 to 1.10", 0.9 <= min(ratios) and max(ratios) <= 1.1)]
+    floor = 200.0 / trained["classes"]                   # twice chance, in %
+    checks.append(entry_check("attention vs conv at matched parameters",
+                              "all-conv test accuracy", f"{rows['all-conv']['acc'][0]:.1f}%",
+                              f">= {floor:.0f}%, twice chance",
+                              rows["all-conv"]["acc"][0] >= floor))
     verdicts = {arm: compare_arms(runs, arm, "all-conv", n) for arm in args.models[1:]}
     if {"hybrid", "all-local"} <= set(args.models):    # conv early helps attention (4.3)
         verdicts["hybrid vs all-local"] = compare_arms(runs, "hybrid", "all-local", n)
-    return {"table": lines, "models": rows, "verdicts": verdicts}
+    return {"table": lines, "models": rows, "verdicts": verdicts, "entry_checks": checks}
 
 
 def exp_scaling(args, trained):
@@ -1297,6 +1316,13 @@ def exp_scaling(args, trained):
     runs = trained["runs"]
     big = trained["per_class"]
     small = trained["small"]
+    # entry check: more data helps the reference at this budget, so the sizes differ
+    conv_big = paired(runs, "all-conv", "all-conv", big, "acc")[0]      # per seed
+    conv_small = paired(runs, "all-conv", "all-conv", small, "acc")[0]
+    gain = sum(conv_big) / len(conv_big) - sum(conv_small) / len(conv_small)
+    check = entry_check("attention catches up with more data",
+                        f"all-conv accuracy at {big}/class - at {small}/class",
+                        f"{gain:+.1f} points", ">= +1 point", gain >= 1.0)
     result = {}
     for arm in args.scaling_models:
         print(f"-- {arm} vs all-conv: {small} -> {big} images per class", flush=True)
@@ -1315,7 +1341,7 @@ def exp_scaling(args, trained):
                 higher_is_better=hib, bound=bound,
                 pairs="paired seeds (difference of gaps)")
         result[arm] = {"small": at[small], "large": at[big], "change_of_gap": change}
-    return {"per_class": [small, big], "models": result}
+    return {"per_class": [small, big], "models": result, "entry_check": check}
 
 
 @torch.no_grad()
@@ -1357,6 +1383,13 @@ def exp_swap(args, out, trained, data, device):
            "test_acc_conv": s_conv.acc, "test_acc_attention": s_swap.acc,
            "nll_conv": s_conv.nll, "nll_attention": s_swap.nll,
            "same_predictions_pct": same}
+    # entry check: at this alpha the softmax's leak is below float32 resolution (section 2)
+    leak_share = 2 * leak(args.alpha) / (1 + leak(args.alpha))
+    eps = torch.finfo(torch.float32).eps
+    res["entry_check"] = entry_check("Theorem 1 on a trained network",
+                                     f"the twin's leak 2S/(1+S) at alpha {args.alpha:g}",
+                                     f"{leak_share:.1e}", f"< {eps:.1e}, float32 resolution",
+                                     leak_share < eps)
     print(f"Theorem 1 on a trained network, alpha {args.alpha:g}: max |twin - conv| = "
           f"{err:.1e} on real features; {len(test.y):,d} test images: {s_swap.acc:.2f}% "
           f"with the twin, {s_conv.acc:.2f}% with the conv (NLL {s_swap.nll:.4f} vs "

@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -549,6 +550,12 @@ def test_main_end_to_end_on_tiny_gray_folder(tiny_gray_folder, tmp_path, capsys)
     res = m.main(["--quick", "--data", tiny_gray_folder, *TINY, "--out", str(out)])
     printed = capsys.readouterr().out
     assert "note:" in printed and "95% CI [" in printed and "n=2 paired seeds" in printed
+    # every claim prints its entry check before its verdict, in the one wording
+    checks = [line for line in printed.splitlines() if line.startswith("entry check: ")]
+    assert len(checks) == 4 and all(re.search(r"\(needs .+\) → (met|not met)$", c)
+                                    for c in checks), checks
+    assert printed.index("entry check: Theorem 1") < printed.index("Theorem 1 on a trained")
+    assert res["swap"]["entry_check"]["met"]               # alpha 20: leak below float32
     blob = json.loads((out / "results.json").read_text())
     assert set(blob["metrics"]) >= {"compare", "scaling", "swap", "runs"}
     assert blob["command"].startswith("python")
