@@ -620,7 +620,7 @@ def axial_output(attn, v, rv, bn_sv, bn_sve):
 # ### The layers
 #
 # `AxialAttention1d` holds the projections (a $1 \times 1$ convolution, batch-normed as in
-# the official code), the three tables of $2T_{max} - 1$ offsets each, and the five batch
+# the official code), the three tables of `2 max_len - 1` offsets each, and the five batch
 # norms. `AxialAttention2d` is the height layer followed by the width layer: after both,
 # every output pixel depends on every input pixel. No output projection, as in
 # Axial-DeepLab.
