@@ -7,7 +7,7 @@ attention (Axial-DeepLab: Wang et al., ECCV 2020, arXiv:2003.07853).
 
 Run:
     python 01_conv_vs_attention.py --demo                  # no data, seconds: checks, figures
-    python 01_conv_vs_attention.py --quick --data cifar10  # 2-core CPU, ~7 min (or --data DIR)
+    python 01_conv_vs_attention.py --quick --data cifar10  # 2-core CPU, ~8 min (or --data DIR)
     python 01_conv_vs_attention.py --data cifar10          # full preset: one GPU
     python 01_conv_vs_attention.py --bench --threads 1     # SASA: reference vs fast path
 """
