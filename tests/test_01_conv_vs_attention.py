@@ -1,10 +1,13 @@
-"""01_conv_vs_attention.py: attention reproduces convolution (Cordonnier et al. Thm 1); SASA's three
-implementations and axial attention against per-pair loops; a "where is it?" task that needs
-positions; locality and reach; ConViT non-locality; parameter matching and paired initialisation;
-the demos; the experiment end to end; real-CIFAR learning; bad input."""
+"""01_conv_vs_attention.py: attention reproduces convolution (Cordonnier et al. Thm 1); SASA's
+reference form and its fast paths, and axial attention, against per-pair loops; a "where is it?"
+task that needs positions; locality and reach; ConViT non-locality; parameter matching and paired
+initialisation; the demos; the exercises (solutions and the implement-it grader); the experiment
+end to end; real-CIFAR learning; bad input."""
+import importlib
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -141,16 +144,41 @@ def sasa_loop(layer, x):
     return out, attn
 
 
-@pytest.mark.parametrize("impl", ["unfold", "shifted", "dense", "auto"])
-@pytest.mark.parametrize("H,W,K", [(5, 6, 3), (4, 4, 5), (6, 3, 5)])
-def test_sasa_matches_a_per_pair_loop(impl, H, W, K):
-    """Every implementation, including the relative term r = [r_row[dy]; r_col[dx]] and the border
-    mask, against the pair-by-pair definition (SASA eq. 3)."""
+def sasa_form(layer, x, form):
+    """SASA of `layer` on x computed by one form: "reference" (the layer itself), "shifted" or
+    "dense" (the fast paths, called directly), or "fast" (FastLocalSelfAttention2d with the
+    layer's weights, which picks a path by map size). -> out (B, C, H, W), attn (B, h, N, L)."""
+    if form == "reference":
+        return layer(x, return_attn=True)
+    if form == "fast":
+        fast = m.FastLocalSelfAttention2d(layer.qkv.in_channels, num_heads=layer.num_heads,
+                                          window=layer.window)
+        fast.load_state_dict(layer.state_dict())
+        return fast(x, return_attn=True)
+    B, C, H, W = x.shape
+    h, d, K = layer.num_heads, layer.head_dim, layer.window
+    q, k, v = layer.qkv(x).view(B, 3, h, d, H, W).unbind(1)
+    q, r = q / math.sqrt(d), layer.relative_embeddings()
+    if form == "shifted":
+        out, attn = m.local_attention_shifted(q, k, v, r, K)          # (B, h, L, H, W)
+        attn = attn.flatten(3).transpose(2, 3)
+    else:
+        out, attn = m.local_attention_dense(q, k, v, r, K)            # (B, h, N, N)
+        attn = m.dense_to_window(attn, H, W, K)
+    return out.reshape(B, h * d, H, W), attn
+
+
+@pytest.mark.parametrize("form", ["reference", "shifted", "dense", "fast"])
+@pytest.mark.parametrize("H,W,K", [(5, 6, 3), (7, 8, 3), (4, 4, 5), (6, 3, 5)])
+def test_sasa_matches_a_per_pair_loop(form, H, W, K):
+    """Every form, including the relative term r = [r_row[dy]; r_col[dx]] and the border mask,
+    against the pair-by-pair definition (SASA eq. 3). "fast" takes the dense path on 5x6, 4x4 and
+    6x3 and shifted slices on 7x8."""
     torch.manual_seed(H * 10 + K)
     layer = m.LocalSelfAttention2d(8, num_heads=2, window=K)
     x = torch.randn(2, 8, H, W)
     with torch.no_grad():
-        out, attn = layer(x, return_attn=True, impl=impl)
+        out, attn = sasa_form(layer, x, form)
     ref_out, ref_attn = sasa_loop(layer, x)
     assert torch.allclose(attn, ref_attn, atol=1e-6), (attn - ref_attn).abs().max()
     assert torch.allclose(out, ref_out, atol=1e-5), (out - ref_out).abs().max()
@@ -171,7 +199,7 @@ def test_sasa_relative_term_is_used():
 
 @pytest.mark.parametrize("B,C,H,W,K", [(2, 8, 7, 9, 3), (3, 16, 8, 8, 5), (2, 8, 4, 4, 5),
                                        (1, 12, 5, 11, 7)])
-def test_fast_sasa_equals_unfold_reference_forward_and_backward(B, C, H, W, K):
+def test_fast_sasa_equals_the_reference_forward_and_backward(B, C, H, W, K):
     """The fast paths are the reference's function: same outputs, same attention, same gradients
     for every weight and for the input."""
     torch.manual_seed(B + C + K)
@@ -179,13 +207,14 @@ def test_fast_sasa_equals_unfold_reference_forward_and_backward(B, C, H, W, K):
     x = torch.randn(B, C, H, W, requires_grad=True)
     g = torch.randn(B, C, H, W)
     results = {}
-    for impl in ("unfold", "shifted", "dense"):
-        layer.zero_grad(), setattr(x, "grad", None)
-        out, attn = layer(x, return_attn=True, impl=impl)
+    for impl in ("reference", "shifted", "dense"):
+        layer.zero_grad()
+        x.grad = None
+        out, attn = sasa_form(layer, x, impl)
         (out * g).sum().backward()
         grads = [p.grad.clone() for p in layer.parameters()]
         results[impl] = (out.detach(), attn.detach(), x.grad.clone(), grads)
-    ref = results["unfold"]
+    ref = results["reference"]
     for impl in ("shifted", "dense"):
         out, attn, gx, gp = results[impl]
         assert torch.allclose(out, ref[0], atol=1e-5), impl
@@ -210,8 +239,7 @@ def test_local_attention_with_full_window_equals_global_attention():
         loc.rel_col.copy_(g.rel_col.expand(2, -1, -1))
         g.proj.weight.copy_(torch.eye(8)), g.proj.bias.zero_()
         x = torch.randn(2, 8, H, W)
-        outs = {impl: loc(x, return_attn=True, impl=impl)
-                for impl in ("shifted", "dense", "unfold")}
+        outs = {impl: sasa_form(loc, x, impl) for impl in ("shifted", "dense", "reference")}
         out_g = g(x)
     for impl, (out_l, attn_l) in outs.items():
         assert torch.allclose(out_l, out_g, atol=1e-5), (impl, (out_l - out_g).abs().max())
@@ -220,14 +248,14 @@ def test_local_attention_with_full_window_equals_global_attention():
         assert (attn_l > 0).sum(-1).eq(H * W).all(), impl
 
 
-@pytest.mark.parametrize("impl", ["shifted", "dense"])
+@pytest.mark.parametrize("impl", ["reference", "shifted", "dense"])
 @pytest.mark.parametrize("py,px", [(0, 0), (3, 4), (6, 2)])
 def test_local_attention_depends_only_on_its_window(impl, py, px):
     torch.manual_seed(0)
     H, W, k = 7, 8, 3
     loc = m.LocalSelfAttention2d(4, num_heads=2, window=k)
     x = torch.randn(1, 4, H, W, requires_grad=True)
-    loc(x, impl=impl)[0, :, py, px].sum().backward()
+    sasa_form(loc, x, impl)[0][0, :, py, px].sum().backward()
     touched = x.grad.abs().sum(1)[0] > 0               # (H, W) input pixels the output depends on
     window = torch.zeros(H, W, dtype=torch.bool)
     window[max(py - k // 2, 0):py + k // 2 + 1, max(px - k // 2, 0):px + k // 2 + 1] = True
@@ -421,7 +449,7 @@ def test_nonlocality_uniform_and_conv_heads():
     D = m.nonlocality(probs[0], 5, 6, key_padding=1)
     expect = torch.tensor([math.hypot(i - 1, j - 1) for i in range(3) for j in range(3)])
     assert torch.allclose(D, expect, atol=1e-5)
-    with pytest.raises(AssertionError, match="expected"):
+    with pytest.raises(ValueError, match="expected"):
         m.nonlocality(probs[0], 5, 6)                # wrong key grid: shapes do not match
 
 
@@ -445,17 +473,35 @@ def test_block_shapes(H, W):
 
 
 def test_blocks_reject_bad_configs():
-    with pytest.raises(AssertionError, match="odd"):
+    """Input checks raise ValueError (they survive python -O, unlike assert)."""
+    with pytest.raises(ValueError, match="odd"):
         m.LocalSelfAttention2d(8, num_heads=2, window=4)
-    with pytest.raises(AssertionError, match="divisible"):
+    with pytest.raises(ValueError, match="divisible"):
         m.MultiHeadSelfAttention2d(10, num_heads=4)
-    with pytest.raises(AssertionError, match="max_size"):
+    with pytest.raises(ValueError, match="positional"):
+        m.MultiHeadSelfAttention2d(8, num_heads=2, positional="sinusoidal")
+    with pytest.raises(ValueError, match="max_size"):
         layer = m.MultiHeadSelfAttention2d(8, num_heads=2, positional="learned", max_size=4)
         layer(torch.randn(1, 8, 6, 3))
-    with pytest.raises(AssertionError, match="max_len"):
+    with pytest.raises(ValueError, match="max_len"):
         m.AxialAttention2d(8, num_heads=2, max_size=4)(torch.randn(1, 8, 6, 3))
-    with pytest.raises(ValueError, match="impl"):
-        m.LocalSelfAttention2d(8, num_heads=2, window=3)(torch.randn(1, 8, 4, 4), impl="fast")
+    with pytest.raises(ValueError, match="axis"):
+        m.AxialAttention1d(8, num_heads=2, max_len=4, axis="depth")
+    with pytest.raises(ValueError, match="unknown operator"):
+        m.spatial_op("mlp", 8, head_dim=4, window=3, size=8)
+    with pytest.raises(ValueError, match="divisible"):
+        m.Net(ops=m.MODELS["all-conv"], image_size=30)
+
+
+def test_models_build_the_reference_form_unless_told():
+    """Net builds every SASA layer in its reference form; the lab switches the fast path on."""
+    net = m.Net(ops=m.MODELS["all-local"], widths=(8, 8, 16), head_dim=4, window=3,
+                image_size=16)
+    sasa = [mod for mod in net.modules() if isinstance(mod, m.LocalSelfAttention2d)]
+    assert len(sasa) == 6 and all(type(s) is m.LocalSelfAttention2d for s in sasa)
+    lab = m.build_model(m.get_args(["--quick"]), "all-local", 10)
+    assert all(type(mod) is m.FastLocalSelfAttention2d for mod in lab.modules()
+               if isinstance(mod, m.LocalSelfAttention2d))
 
 
 @pytest.mark.parametrize("preset", ["quick", "full"])
@@ -504,6 +550,12 @@ def test_main_end_to_end_on_tiny_gray_folder(tiny_gray_folder, tmp_path, capsys)
     res = m.main(["--quick", "--data", tiny_gray_folder, *TINY, "--out", str(out)])
     printed = capsys.readouterr().out
     assert "note:" in printed and "95% CI [" in printed and "n=2 paired seeds" in printed
+    # every claim prints its entry check before its verdict, in the one wording
+    checks = [line for line in printed.splitlines() if line.startswith("entry check: ")]
+    assert len(checks) == 4 and all(re.search(r"\(needs .+\) → (met|not met)$", c)
+                                    for c in checks), checks
+    assert printed.index("entry check: Theorem 1") < printed.index("Theorem 1 on a trained")
+    assert res["swap"]["entry_check"]["met"]               # alpha 20: leak below float32
     blob = json.loads((out / "results.json").read_text())
     assert set(blob["metrics"]) >= {"compare", "scaling", "swap", "runs"}
     assert blob["command"].startswith("python")
@@ -627,8 +679,12 @@ def test_attention_from_conv_follows_the_conv_dtype():
 
 def test_demos_check_what_they_draw():
     assert m.demo_conv_twin()["max_abs_err"] < 1e-5
-    errs = m.demo_alpha()["max_abs_err"]
+    alpha = m.demo_alpha()
+    errs = alpha["max_abs_err"]
     assert errs[0] > 0.1 and errs[-1] < 1e-5 and errs == sorted(errs, reverse=True)
+    # the printed bound (leak + float32 floor) holds at every alpha, the float32 end included
+    assert all(e <= b for e, b in zip(errs, alpha["bound"])), (errs, alpha["bound"])
+    assert alpha["bound"][-1] < 1e-5 and alpha["floor"] > 1e-7
     assert m.demo_receptive_fields(size=9) == {"3x3 conv": 9, "SASA, 5x5 window": 25,
                                                "axial, height": 9, "axial, height then width": 81}
 
@@ -646,3 +702,75 @@ def test_script_flag_errors_are_one_line(argv, match, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert match in err
+
+
+# ---------------------------------------------------------------------------------- exercises
+
+solutions = importlib.import_module("solutions.01_conv_vs_attention")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_solutions_of_the_no_data_exercises_hold(n):
+    """Every exercise's answer, computed and asserted by the solutions file."""
+    getattr(solutions, f"exercise_{n}")()
+
+
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_conv_pos_v_puts_each_head_on_its_kernel_offset(K):
+    """Row h = i K + j of v_h = -alpha (1, -2 Delta_1, -2 Delta_2) peaks at Delta_h = (i - K//2,
+    j - K//2): its score v_h . r_delta over a grid of offsets is largest exactly there."""
+    v = m.conv_pos_v(K, 2.0)
+    offs = torch.arange(-K, K + 1)
+    dy, dx = torch.meshgrid(offs, offs, indexing="ij")
+    r = torch.stack([dy * dy + dx * dx, dy, dx], -1).float().view(-1, 3)   # (grid, 3)
+    best = (r @ v.T).argmax(0)                                               # (K^2,)
+    for h in range(K * K):
+        assert (dy.flatten()[best[h]].item(), dx.flatten()[best[h]].item()) == \
+            (h // K - K // 2, h % K - K // 2), h
+
+
+def grade_conv_pos_v(fn):
+    """Exercise 3's grader: fn(K, alpha) must give conv_pos_v's (K^2, 3) rows in head order, and
+    the twin built with them must compute the convolution."""
+    for K in (1, 3, 5):
+        for alpha in (20.0, 3.0):
+            got = fn(K, alpha)
+            want = m.conv_pos_v(K, alpha, dtype=torch.float32)
+            assert tuple(got.shape) == (K * K, 3), f"K={K}: shape {tuple(got.shape)}, want (K^2, 3)"
+            assert torch.allclose(got.float(), want, atol=1e-5), \
+                f"K={K}, alpha={alpha}: rows differ from -alpha (1, -2 Delta_1, -2 Delta_2), " \
+                f"head h = i K + j at Delta_h = (i - K//2, j - K//2)"
+        torch.manual_seed(K)
+        conv = nn.Conv2d(3, 4, K, padding=K // 2)
+        twin = m.attention_from_conv(conv, 20.0)
+        x = torch.randn(2, 3, 6, 7)
+        with torch.no_grad():
+            twin.pos_v.copy_(fn(K, 20.0))
+            assert torch.allclose(twin(x), conv(x), atol=1e-5), f"K={K}: the twin is not the conv"
+
+
+@pytest.mark.parametrize("who", ["solution", "student"])
+def test_implement_conv_pos_v(who):
+    """Exercise 3, graded: python -m pytest tests/test_01_conv_vs_attention.py -k implement"""
+    fn = solutions.my_conv_pos_v if who == "solution" else m.my_conv_pos_v
+    try:
+        fn(3, 1.0)
+    except NotImplementedError:
+        pytest.skip("my_conv_pos_v not written yet: fill in my_conv_pos_v in the Exercises "
+                    "section of 01_conv_vs_attention.py")
+    grade_conv_pos_v(fn)
+
+
+def test_the_pos_v_grader_rejects_wrong_answers():
+    """Mutations of the answer (rows and columns swapped, a sign flipped, no factor 2) fail."""
+    def swapped(K, alpha):
+        return solutions.my_conv_pos_v(K, alpha)[:, [0, 2, 1]]
+
+    def sign(K, alpha):
+        return solutions.my_conv_pos_v(K, alpha) * torch.tensor([1.0, -1.0, -1.0])
+
+    def no_two(K, alpha):
+        return solutions.my_conv_pos_v(K, alpha) * torch.tensor([1.0, 0.5, 0.5])
+    for wrong in (swapped, sign, no_two):
+        with pytest.raises(AssertionError):
+            grade_conv_pos_v(wrong)
