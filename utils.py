@@ -87,8 +87,10 @@ COMMON_FLAGS = {  # name -> (type, default, help); a preset's value replaces the
 def cli(doc, presets, flags, argv=None, *, experiments=(), bench=None, check=None):
     """A command line as data: presets {"quick": {...}, "full": {...}} (a flag you pass wins),
     flags {name: help or (help, type)}; check(args) raises InputError for bad combinations."""
-    p = ArgumentParser(description=(doc or "").strip().split("\n\n")[0],
-                       epilog="A flag you pass wins over its preset value [quick: ..., full: ...]")
+    title, _, rest = (doc or "").strip().partition("\n\n")  # the docstring's paper and commands
+    p = ArgumentParser(description=title, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"{rest}\n\nA flag you pass wins over its preset value [quick: ..., "
+                              f"full: ...]".strip())
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--demo", action="store_true", help="no data, seconds: checks and figures")
     mode.add_argument("--quick", action="store_true",

@@ -373,7 +373,7 @@ def test_cli_help_explains_every_flag_with_its_preset_values(capsys):
     with pytest.raises(SystemExit):
         _cli(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert out.count("usage:") == 1 and "Title line." in out and "More." not in out
+    assert out.count("usage:") == 1 and "Title line." in out and "More." in out  # the epilog
     for name, text in FLAGS.items():
         flag = "--" + name.replace("_", "-")
         shown = ", ".join(f"{k}: {utils._fmt(p[name])}" for k, p in PRESETS.items())
