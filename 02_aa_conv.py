@@ -487,7 +487,7 @@ class ResNet(nn.Module):
 
     def __init__(self, *, num_classes, widths, blocks, aa_stages=(), pool_stages=(), num_heads=8,
                  kappa=0.2, upsilon=0.1, min_dkh=0, relative=True, bias=True, image_size=32,
-                 layer=BlockwiseAugmentedConv2d, channels_last=True):
+                 layer=AugmentedConv2d, channels_last=True):
         super().__init__()
         assert len(widths) == len(blocks) == 3, f"widths {widths}, blocks {blocks}: 3 stages"
         assert set(aa_stages) | set(pool_stages) <= {1, 2, 3}, "stages are 1, 2 or 3"
@@ -553,6 +553,10 @@ class ResNet(nn.Module):
 
 # %%
 
+# the long-range task (generated, no download): a ResNet-8 (widths 8/16/32, one block per
+# stage), AA in stage 3; long_seeds: fixed from the pilot (--experiment pilot, pilot.log)
+LONG_RANGE = dict(long_widths=(8, 16, 32), long_blocks=(1, 1, 1), long_train=2000,
+                  long_epochs=4, long_seeds=3)
 SHARED = dict(image_size=32, val_per_class=0, test_per_class=None, measure_batch=128,
               bench_sizes=(32, 64), bench_batch=128, bench_steps=3, no_relative=False)
 PRESETS = {
@@ -562,16 +566,17 @@ PRESETS = {
     # head; we keep its >= 20 key dims per head and cut the heads: Nh = 2, dk = 40, dv = 16.
     # seeds: fixed from the pilot (--experiment pilot) and the 10-minute budget (RESULTS.md).
     "quick": dict(SHARED, widths=(16, 32, 64), blocks=(1, 1, 2), aa_stages=(3,), pool_stages=(),
-                  num_heads=2, kappa=0.5, upsilon=0.25, min_dkh=20, epochs=4, batch_size=64,
+                  num_heads=2, kappa=0.2, upsilon=0.25, min_dkh=20, epochs=4, batch_size=64,
                   lr=3e-3, weight_decay=0.05, optimizer="adamw", warmup_epochs=1.0, seeds=10,
-                  train_per_class=500, workers=2, threads=1, experiments=["compare", "maps"]),
+                  train_per_class=500, workers=2, threads=1, **LONG_RANGE,
+                  experiments=["longrange", "compare", "maps"]),
     # full, one GPU: the paper's CIFAR rule (Nh 8, kappa 0.2, upsilon 0.1, >= 20 key dims) in
     # every block of a wide ResNet-14; the 32x32 stage pools its attention input. Not measured.
     "full": dict(SHARED, widths=(128, 256, 512), blocks=(2, 2, 2), aa_stages=(1, 2, 3),
                  pool_stages=(1,), num_heads=8, kappa=0.2, upsilon=0.1, min_dkh=20, epochs=100,
                  batch_size=128, lr=0.1, weight_decay=5e-4, optimizer="sgd", warmup_epochs=5.0,
-                 seeds=5, train_per_class=None, workers=1, threads=None,
-                 experiments=["compare", "maps"]),
+                 seeds=5, train_per_class=None, workers=1, threads=None, **LONG_RANGE,
+                 experiments=["longrange", "compare", "maps"]),
 }
 FLAGS = {
     "seeds": "paired seeds --seed, --seed+1, ...; every arm trains on each",
@@ -588,8 +593,13 @@ FLAGS = {
     "measure_batch": "batch of the memory column", "bench_sizes": "--bench grids (square)",
     "bench_batch": "--bench batch (lowered where the simple form's logits would not fit)",
     "bench_steps": "--bench timed steps per row",
+    "long_widths": "long-range task: channels of the 3 stages",
+    "long_blocks": "long-range task: residual blocks per stage",
+    "long_train": "long-range task: generated training images per seed",
+    "long_epochs": "long-range task: epochs per run",
+    "long_seeds": "long-range task: paired seeds",
 }
-EXPERIMENTS = ("compare", "maps", "bias", "pilot")
+EXPERIMENTS = ("longrange", "compare", "maps", "bias", "pilot")
 AA, BASE, NO_BIAS = "AA-ResNet", "ResNet", "AA-ResNet (no bias)"
 PILOT_VAL_PER_CLASS = 500  # the pilot's validation split, carved from the training images
 EVAL_BATCH = 128           # images per evaluation batch
@@ -609,6 +619,8 @@ def check(args):
 
 
 def build_model(args, num_classes, *, aa, bias=True, **kw):
+    """The lab's ResNet: its AA layers take the blockwise path (equal, faster on a CPU)."""
+    kw.setdefault("layer", BlockwiseAugmentedConv2d)
     return ResNet(num_classes=num_classes, widths=args.widths, blocks=args.blocks,
                   aa_stages=args.aa_stages if aa else (), pool_stages=args.pool_stages,
                   num_heads=args.num_heads, kappa=args.kappa, upsilon=args.upsilon,
@@ -673,20 +685,35 @@ def evaluate_uniform(model, loader):
             del m.attention
 
 
-def train_arm(args, data, seed, arm, split="test"):
+def loaders(args, data, seed, pad):
+    """(train, val or None, test) loaders of one run; pad = 0 turns the random crop off."""
+    device = utils.get_device(args.device)
+    kw = dict(device=device, mean=data.mean, std=data.std)
+    train = utils.DeviceLoader(data.x_train, data.y_train, batch_size=args.batch_size,
+                               train=True, seed=seed, pad=pad, **kw)
+    val = None
+    if len(data.y_val):
+        val = utils.DeviceLoader(data.x_val, data.y_val, batch_size=EVAL_BATCH, train=False,
+                                 **kw)
+    test = utils.DeviceLoader(data.x_test, data.y_test, batch_size=EVAL_BATCH, train=False,
+                              **kw)
+    return train, val, test
+
+
+def train_arm(args, data, seed, arm, split="test", pad=4):
     """Train and score one arm of one seed (on test, or on validation for the pilot). The seed
     fixes the data subset (already in `data`), the initial weights (make_arm) and the batches.
     The AA-ResNet is also scored with uniform attention; seed args.seed keeps its weights."""
-    t0, device = time.time(), utils.get_device(args.device)
+    t0 = time.time()
+    device = utils.get_device(args.device)
     model = make_arm(args, data.num_classes, seed, arm).to(device)
-    train, val, test = utils.make_loaders(data, batch_size=args.batch_size, device=device,
-                                          seed=seed, eval_batch_size=EVAL_BATCH)
+    train, val, test = loaders(args, data, seed, pad)
     log = print if seed == args.seed else (lambda line: None)  # epoch lines of the first seed
     hist = utils.train(model, train, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                        name=f"{arm} seed {seed} ", log=log)
     t1 = time.time()
-    loader = val if split == "val" else test
+    loader = val if split == "val" and val is not None else test
     score = utils.evaluate(model, loader)
     res = dict(seed=seed, arm=arm, acc=score.acc, nll=score.nll, train_loss=hist[-1]["loss"],
                train_acc=hist[-1]["train_acc"], img_per_s=statistics.median(
@@ -708,14 +735,145 @@ def run_seed(args, seed, arms, split):
     return [train_arm(args, data, seed, arm, split) for arm in arms]
 
 
-def train_all(args, arms, split="test"):
+def train_all(args, arms, split="test", job=run_seed):
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"== {len(seeds)} paired seeds x {len(arms)} arms ({', '.join(arms)}), {args.epochs} "
           f"epochs, {args.workers} worker(s), scored on {split} ==", flush=True)
     jobs = [(args, s, arms, split) for s in seeds]
-    runs = [r for rs in utils.run_jobs(run_seed, jobs, workers=args.workers) for r in rs]
+    runs = [r for rs in utils.run_jobs(job, jobs, workers=args.workers) for r in rs]
     state = next((r.pop("state") for r in runs if "state" in r), None)
     return {(r["arm"], r["seed"]): r for r in runs}, seeds, state
+
+
+# %% [markdown]
+# ### The long-range task: two cues farther apart than a convolution sees
+#
+# Grey noise with a 4x4 square in two opposite corners, each black or white; the label is
+# "the two squares match". Each square alone says nothing about the label. A plain ResNet's
+# last feature map sees at most `receptive_field` pixels in each direction, fewer than the
+# distance between the squares: its logit is a sum of a term that sees one square and a term
+# that sees the other, and for this label the cross-entropy-optimal such sum is a constant
+# (chance). An AA layer lets every pixel attend to the opposite corner.
+
+# %%
+LONG_TEST_SEED = 10 ** 6       # the held-out images of the long-range task
+LONG_VAL_SEED = 10 ** 6 + 1    # its validation images, for the pilot only
+LONG_CUE = 4                   # side of a cue square, in pixels
+
+
+def long_range_images(n, *, seed, size=32, cue=LONG_CUE):
+    """n uint8 images (n, 3, size, size) and labels (n,): grey noise in [64, 192), a black or
+    white cue x cue square in two opposite corners (either diagonal); label 1: they match."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(64, 192, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    first = torch.randint(0, 2, (n,), generator=g)           # 0 black, 1 white
+    label = torch.randint(0, 2, (n,), generator=g)           # 1: the two squares match
+    second = torch.where(label == 1, first, 1 - first)
+    anti = torch.randint(0, 2, (n,), generator=g).bool()     # top-right to bottom-left
+    far = size - cue
+    for i in range(n):
+        top = far if anti[i] else 0                          # column of the top square
+        bottom = far - top                                   # column of the bottom square
+        x[i, :, :cue, top:top + cue] = 255 * first[i]
+        x[i, :, far:, bottom:bottom + cue] = 255 * second[i]
+    return x, label
+
+
+def long_range_data(args, seed, split):
+    """A Data of generated images: training images from `seed`, and the held-out set (test,
+    or the pilot's validation set, put in the test slot) from a seed no training run uses."""
+    x_tr, y_tr = long_range_images(args.long_train, seed=seed, size=args.image_size)
+    held_seed = LONG_VAL_SEED if split == "val" else LONG_TEST_SEED
+    x_te, y_te = long_range_images(LONG_HELD_OUT, seed=held_seed, size=args.image_size)
+    empty = x_te[:0]
+    return utils.Data(x_tr, y_tr, empty, y_te[:0], x_te, y_te, ["different", "same"],
+                      mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+
+
+LONG_HELD_OUT = 2000           # held-out images of the long-range task
+
+
+def long_range_args(args):
+    """The settings of the long-range runs: its network, data size, epochs and seeds."""
+    return type(args)(**{**vars(args), "widths": args.long_widths, "blocks": args.long_blocks,
+                         "epochs": args.long_epochs, "seeds": args.long_seeds})
+
+
+def run_long_seed(args, seed, arms, split):
+    """One job: the seed's generated training images, every arm trained on them (no random
+    crop: it would push the squares out of the image; flips keep them in opposite corners)."""
+    data = long_range_data(args, seed, split)
+    return [train_arm(args, data, seed, arm, split, pad=0) for arm in arms]
+
+
+def receptive_field(model, size):
+    """The largest height (pixels) of input that one unit of the last feature map depends on,
+    measured by autograd on a float64 copy of the model in eval mode."""
+    net = copy.deepcopy(model).double().eval()
+    x = torch.randn(1, 3, size, size, dtype=torch.float64, requires_grad=True)
+    feat = net.blocks(net.stem(x.contiguous(memory_format=net.memory_format)))
+    largest = 0
+    for i in range(feat.shape[2]):
+        grad = torch.autograd.grad(feat[0, :, i].sum(), x, retain_graph=True)[0]
+        rows = torch.nonzero(grad[0].abs().sum(dim=(0, 2)) > 0).flatten()
+        largest = max(largest, int(rows.max() - rows.min()) + 1)
+    return largest
+
+
+def exp_longrange(args, device, out):
+    """Claim: attention adds global context. The plain ResNet cannot see both cues (entry
+    check: it stays near chance on held-out images); then AA-ResNet - ResNet, paired."""
+    largs = long_range_args(args)
+    rf = receptive_field(build_model(largs, 2, aa=False), args.image_size)
+    span = args.image_size - 2 * LONG_CUE + 2  # rows from one square's edge to the other's
+    print(f"long-range task: {LONG_CUE}x{LONG_CUE} squares in opposite corners of a "
+          f"{args.image_size}x{args.image_size} image; a unit must see {span} rows to touch "
+          f"both, one of the ResNet's last feature map sees at most {rf}", flush=True)
+    by, seeds, state = train_all(largs, (AA, BASE), job=run_long_seed)
+    base = [by[BASE, s]["acc"] for s in seeds]
+    base_acc = statistics.mean(base)
+    met = "met" if base_acc <= LONG_CHANCE_MAX else "not met"
+    print(f"entry check: AA-ResNet beats ResNet on the long-range task: ResNet held-out "
+          f"accuracy (chance 50%) = {base_acc:.1f}% (needs \u2264 {LONG_CHANCE_MAX:g}%) "
+          f"\u2192 {met}", flush=True)
+    runs_a = [by[AA, s] for s in seeds]
+    v = verdicts(runs_a, [by[BASE, s] for s in seeds], AA, BASE)
+    print("is attention used? the trained AA-ResNet against itself with uniform attention:")
+    uni = verdicts(runs_a, runs_a, AA, "uniform attention", ("acc_uniform", "nll_uniform"))
+    maps = long_range_maps(largs, state, out)
+    return dict(receptive_field=rf, seeds=seeds, entry_check=dict(
+        resnet_acc=base_acc, threshold=LONG_CHANCE_MAX, met=met == "met"), verdicts=v,
+        uniform=uni, runs=list(by.values()), maps=maps)
+
+
+LONG_CHANCE_MAX = 55.0  # the entry check: the ResNet's held-out accuracy at most this (%)
+
+
+def long_range_maps(largs, state, out, num_images=3):
+    """Where the trained heads of the first AA layer look from the top-left corner, for
+    held-out images whose squares lie on that diagonal; and the same network at init."""
+    init = make_arm(largs, 2, largs.seed, AA)
+    trained = copy.deepcopy(init)
+    trained.load_state_dict(state)
+    x_u8, y = long_range_images(200, seed=LONG_TEST_SEED, size=largs.image_size)
+    corner = x_u8[:, 0, 0, 0]
+    pick = torch.nonzero((corner == 0) | (corner == 255)).flatten()[:num_images]
+    x = (x_u8[pick].float() / 255 - 0.5) / 0.2
+    maps_t = attention_weights(trained, x)[0][1]          # (n, Nh, N, N)
+    maps_i = attention_weights(init, x)[0][1]
+    side = math.isqrt(maps_t.shape[-1])
+    query = (0, 0)                                         # the top-left cell of the grid
+    row_t = maps_t[:, :, 0].reshape(len(pick), -1, side, side)
+    row_i = maps_i[:, :, 0].reshape(len(pick), -1, side, side)
+    titles = [["different", "same"][int(y[i])] for i in pick]
+    fig = plot_attention(row_t, row_i, x_u8[pick], titles, query)
+    path = os.path.join(out, "long_range_maps.png")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    corner_weight = row_t[:, :, -1, -1].mean(0).tolist()  # weight on the opposite corner
+    print(f"trained heads, query in the top-left cell: mean weight on the bottom-right cell "
+          f"{', '.join(f'{w:.3f}' for w in corner_weight)} (uniform 1/N = {1 / side ** 2:.3f})")
+    print(f"wrote {path}")
+    return dict(figure=path, opposite_corner_weight=corner_weight)
 
 
 def verdicts(runs_a, runs_b, name_a, name_b, keys_b=("acc", "nll")):
@@ -782,32 +940,52 @@ def exp_bias(args, data, device, out):
     return compare_arms(args, data, device, AA, NO_BIAS)[0]
 
 
+def pilot_plan(by, seeds, name):
+    """The SD of a pilot's per-seed differences AA-ResNet - ResNet (accuracy points)."""
+    d = [by[AA, s]["acc"] - by[BASE, s]["acc"] for s in seeds]
+    sd = statistics.stdev(d)
+    print(f"pilot, {name}: AA-ResNet - ResNet per seed {' '.join(f'{x:+.2f}' for x in d)}; "
+          f"mean {statistics.mean(d):+.2f}, SD {sd:.2f} points", flush=True)
+    return dict(diffs=d, mean=statistics.mean(d), sd=sd)
+
+
+def half_width(sd, n):
+    """The expected 95% CI half-width of a mean of n paired differences with this SD."""
+    return utils.t95(n - 1) * sd / math.sqrt(n)
+
+
 def exp_pilot(args, data, device, out, budget_s=450):
-    """Power planning, never on test: the three arms on a validation split carved from train.
-    The SD of the per-seed differences and the measured cost per seed give the n to fix."""
+    """Power planning, never on test. The long-range task on generated validation images: n =
+    the fewest pairs (>= 3) whose 95% CI half-width is <= 5 points. CIFAR-10 on a validation
+    split carved from train: n = the pairs that fit what --quick has left of budget_s."""
+    largs = long_range_args(args)
+    by, seeds, _ = train_all(largs, (AA, BASE), split="val", job=run_long_seed)
+    long_plan = pilot_plan(by, seeds, "long-range")
+    n_long = next(n for n in range(3, 100) if half_width(long_plan["sd"], n) <= 5)
+    long_cost = statistics.mean(by[AA, s]["seconds"] + by[BASE, s]["seconds"] for s in seeds)
+    long_s = n_long * long_cost / args.workers
+    print(f"pilot, long-range: n = {n_long} pairs (the fewest >= 3 with a 95% CI half-width "
+          f"<= 5 points: +-{half_width(long_plan['sd'], n_long):.2f}); one pair ~{long_cost:.0f}"
+          f" s, so ~{long_s:.0f} s of --quick on {args.workers} worker(s)", flush=True)
     pargs = type(args)(**{**vars(args), "val_per_class": args.val_per_class or PILOT_VAL_PER_CLASS})
-    by, seeds, _ = train_all(pargs, (AA, BASE, NO_BIAS), split="val")
+    by, seeds, _ = train_all(pargs, (AA, BASE), split="val")
+    plan = pilot_plan(by, seeds, "CIFAR-10")
     n_val = pargs.val_per_class * data.num_classes
     # the --quick run's cost per seed: training, plus scoring on 10,000 test images (the AA
     # arm twice: with uniform attention too), on `workers` cores
-    cost = lambda r: r["train_s"] + (r["seconds"] - r["train_s"]) * 10000 / n_val  # noqa: E731
-    per_seed = statistics.mean(cost(by[AA, s]) + cost(by[BASE, s]) for s in seeds) / args.workers
-    n_budget = max(2, int((budget_s - 30) // max(per_seed, 0.1)))
-    res = dict(seeds=seeds, runs=list(by.values()), budget_s=budget_s, plan={},
-               seconds_per_seed=per_seed, n_budget=n_budget)
-    for b in (BASE, NO_BIAS):
-        d = [by[AA, s]["acc"] - by[b, s]["acc"] for s in seeds]
-        sd = statistics.stdev(d)
-        n_1pt = next(n for n in range(3, 10 ** 4) if utils.t95(n - 1) * sd / math.sqrt(n) <= 1)
-        half = utils.t95(n_budget - 1) * sd / math.sqrt(n_budget)
-        res["plan"][b] = dict(diffs=d, sd=sd, n_for_1_point=n_1pt, n_budget=n_budget,
-                              half_width_at_n_budget=half)
-        print(f"pilot, {AA} - {b}: per-seed differences {' '.join(f'{x:+.2f}' for x in d)}, "
-              f"SD {sd:.2f} points; a 95% CI half-width <= 1 point needs n >= {n_1pt}; "
-              f"n = {n_budget} gives +-{half:.2f}", flush=True)
-    print(f"pilot: one seed of --quick (AA-ResNet + ResNet) ~{per_seed:.0f} s of wall time on "
-          f"{args.workers} worker(s) -> n = {n_budget} pairs fit {budget_s} s (30 s to start)")
-    return res
+    per_seed = 0.0
+    for s in seeds:
+        for arm in (AA, BASE):
+            r = by[arm, s]
+            per_seed += r["train_s"] + (r["seconds"] - r["train_s"]) * 10000 / n_val
+    per_seed = per_seed / len(seeds) / args.workers
+    n_cifar = max(2, int((budget_s - 30 - long_s) // max(per_seed, 0.1)))
+    print(f"pilot, CIFAR-10: one pair of --quick ~{per_seed:.0f} s of wall time on "
+          f"{args.workers} worker(s); {budget_s} s - 30 s to start - {long_s:.0f} s long-range "
+          f"-> n = {n_cifar} pairs, a 95% CI half-width of +-"
+          f"{half_width(plan['sd'], n_cifar):.2f} points", flush=True)
+    return dict(long_range=dict(long_plan, n=n_long, seconds_per_pair=long_cost, seeds=seeds),
+                cifar=dict(plan, n=n_cifar, seconds_per_pair=per_seed), budget_s=budget_s)
 
 
 def attention_weights(model, x):
@@ -974,13 +1152,18 @@ def main(argv=None):
         res = exp_bench(args, device)
         utils.save_results(os.path.join(out, "bench.json"), config, res)
         return res
-    data = utils.data_from_args(args)
-    pin_counts(args, data)
-    describe(args, data)
-    results, state = {}, None
+    results = {}
+    state = None
+    data = None
     for name in args.experiments:
         t0 = time.time()
-        if name == "compare":
+        if name != "longrange" and data is None:
+            data = utils.data_from_args(args)
+            pin_counts(args, data)
+            describe(args, data)
+        if name == "longrange":
+            results[name] = exp_longrange(args, device, out)
+        elif name == "compare":
             results[name], state = exp_compare(args, data, device, out)
         elif name == "maps":
             results[name] = exp_maps(args, data, device, out, state)
