@@ -29,16 +29,16 @@ def loop_logits(layer, q, k, H, W):
                 for jx in range(W):
                     i, j = iy * W + ix, jy * W + jx
                     key = k[:, :, j]
-                    if layer.relative:
-                        key = (key + layer.key_rel_w[jx - ix + layer.max_w - 1]
-                               + layer.key_rel_h[jy - iy + layer.max_h - 1])
+                    if layer.relative:  # the centre rows of tables made for larger grids
+                        key = (key + aa.centre_rows(layer.key_rel_w, W)[jx - ix + W - 1]
+                               + aa.centre_rows(layer.key_rel_h, H)[jy - iy + H - 1])
                     out[:, :, i, j] = (q[:, :, i] * key).sum(-1)
     return out
 
 
 def pair(*args, **kw):
     """The simple layer and the blockwise one with the same weights."""
-    simple = aa.AugmentedConv2d(*args, **kw)
+    simple = aa.StridedAugmentedConv2d(*args, **kw)
     fast = aa.BlockwiseAugmentedConv2d(*args, **kw)
     fast.load_state_dict(simple.state_dict())
     return simple, fast
@@ -146,7 +146,7 @@ def test_gradcheck_attention_with_relative_logits(fast, block, monkeypatch):
     the blockwise path splits every head's query rows into blocks (its accumulations)."""
     if block:
         monkeypatch.setattr(aa.BlockwiseAttention, "BLOCK_ELEMENTS", block)
-    cls = aa.BlockwiseAugmentedConv2d if fast else aa.AugmentedConv2d
+    cls = aa.BlockwiseAugmentedConv2d if fast else aa.StridedAugmentedConv2d
     for stride, (H, W) in ((1, (3, 4)), (2, (5, 4))):
         torch.manual_seed(stride)  # out_channels = dv: only the attention branch
         layer = cls(2, 4, 3, dk=4, dv=4, num_heads=2, stride=stride, max_size=(H, W)).double()
@@ -186,7 +186,8 @@ def test_strided_attention_is_attention_on_the_pooled_input(H, W):
     not counted), with tables sized for the pooled grid."""
     torch.manual_seed(H + W)
     h, w = (H + 1) // 2, (W + 1) // 2
-    strided = aa.AugmentedConv2d(5, 4, 3, dk=8, dv=4, num_heads=2, stride=2, max_size=(H, W))
+    strided = aa.StridedAugmentedConv2d(5, 4, 3, dk=8, dv=4, num_heads=2, stride=2,
+                                        max_size=(H, W))
     plain = aa.AugmentedConv2d(5, 4, 3, dk=8, dv=4, num_heads=2, max_size=(h, w))
     assert strided.key_rel_h.shape == (2 * h - 1, 4) and strided.key_rel_w.shape == (2 * w - 1, 4)
     plain.load_state_dict(strided.state_dict())
@@ -214,8 +215,8 @@ def test_pooled_attention_is_the_papers(stride):
     to the conv's grid; tables sized for the pooled grid."""
     torch.manual_seed(stride)
     H, W = 12, 10
-    layer = aa.AugmentedConv2d(5, 4, 3, dk=8, dv=4, num_heads=2, stride=stride,
-                               pool_attention=True, max_size=(H, W))
+    layer = aa.StridedAugmentedConv2d(5, 4, 3, dk=8, dv=4, num_heads=2, stride=stride,
+                                      pool_attention=True, max_size=(H, W))
     oh, ow = (H - 1) // stride + 1, (W - 1) // stride + 1
     plain = aa.AugmentedConv2d(5, 4, 3, dk=8, dv=4, num_heads=2, max_size=((oh + 1) // 2,
                                                                          (ow + 1) // 2))
@@ -232,8 +233,8 @@ def test_pooled_attention_is_the_papers(stride):
 @pytest.mark.parametrize("dk,dv,heads", [(8, 4, 2), (12, 12, 4), (4, 16, 1), (8, 16, 8)])
 def test_shapes_match_conv_and_the_branches_concatenate(H, W, stride, dk, dv, heads):
     torch.manual_seed(0)
-    layer = aa.AugmentedConv2d(6, 16, 3, dk=dk, dv=dv, num_heads=heads, stride=stride,
-                               max_size=(H, W))
+    layer = aa.StridedAugmentedConv2d(6, 16, 3, dk=dk, dv=dv, num_heads=heads,
+                                      stride=stride, max_size=(H, W))
     x = torch.randn(2, 6, H, W)
     y = layer(x)
     assert y.shape == nn.Conv2d(6, 16, 3, stride=stride, padding=1)(x).shape
@@ -253,7 +254,7 @@ def test_fully_attentional_and_smaller_inputs():
 @pytest.mark.parametrize("stride,kernel", [(1, 3), (2, 3), (1, 5), (2, 1)])
 def test_upsilon_0_is_a_plain_conv(stride, kernel):
     torch.manual_seed(stride + kernel)
-    layer = aa.AugmentedConv2d(5, 7, kernel, dk=0, dv=0, num_heads=1, stride=stride)
+    layer = aa.StridedAugmentedConv2d(5, 7, kernel, dk=0, dv=0, num_heads=1, stride=stride)
     conv = nn.Conv2d(5, 7, kernel, stride=stride, padding=kernel // 2)
     conv.load_state_dict(layer.conv.state_dict())
     assert utils.count_params(layer) == utils.count_params(conv)
@@ -309,7 +310,8 @@ def test_biases_start_at_zero_and_only_the_query_bias_survives_batchnorm():
 
 
 def test_gradients_reach_tables_and_query_bias():
-    layer = aa.AugmentedConv2d(4, 8, 3, dk=8, dv=4, num_heads=2, stride=2, max_size=(8, 6))
+    layer = aa.StridedAugmentedConv2d(4, 8, 3, dk=8, dv=4, num_heads=2, stride=2,
+                                      max_size=(8, 6))
     layer(torch.randn(2, 4, 8, 6)).square().sum().backward()
     for name in ("key_rel_h", "key_rel_w", "qkv.weight", "attn_out.weight", "conv.weight"):
         assert layer.get_parameter(name).grad.abs().sum() > 0, f"no gradient reached {name}"
@@ -341,14 +343,14 @@ def test_evaluate_uniform_sets_every_heads_weights_to_1_over_N():
     (dict(dk=4, dv=0, num_heads=2), "needs attention values"),
     (dict(dk=8, dv=4, num_heads=0), "num_heads must be >= 1")])
 def test_bad_configurations_raise(kwargs, match):
-    with pytest.raises(AssertionError, match=match):
+    with pytest.raises(ValueError, match=match):
         aa.AugmentedConv2d(4, 16, 3, **kwargs)
 
 
 def test_even_kernel_and_too_large_input_raise():
-    with pytest.raises(AssertionError, match="must be odd"):
+    with pytest.raises(ValueError, match="must be odd"):
         aa.AugmentedConv2d(4, 16, 4, dk=8, dv=4, num_heads=2)
-    with pytest.raises(AssertionError, match="raise max_size"):
+    with pytest.raises(ValueError, match="raise max_size"):
         aa.AugmentedConv2d(4, 16, 3, dk=8, dv=4, num_heads=2, max_size=8)(torch.randn(1, 4, 8, 10))
 
 
@@ -361,6 +363,7 @@ def quick(*argv):
 
 def test_channel_rule_and_pre_activation_models():
     assert aa.aa_channels(64, num_heads=2, kappa=0.5, upsilon=0.25, min_dkh=20) == (40, 16)
+    assert aa.aa_channels(64, num_heads=2, kappa=0.2, upsilon=0.25, min_dkh=20) == (40, 16)
     assert aa.aa_channels(64, num_heads=4, kappa=0.5, upsilon=0.25) == (32, 16)
     assert aa.aa_channels(128, num_heads=8, kappa=0.2, upsilon=0.1, min_dkh=20) == (160, 16)
     assert aa.aa_channels(64, num_heads=2, kappa=0.5, upsilon=0, min_dkh=20) == (0, 0)
@@ -401,7 +404,7 @@ def test_flags_win_over_the_preset():
     args = quick()
     assert (args.epochs, args.seeds, args.widths) == (preset["epochs"], preset["seeds"],
                                                       preset["widths"])
-    assert not args.no_relative and args.experiments == ["compare", "maps"]
+    assert not args.no_relative and args.experiments == ["longrange", "compare", "maps"]
     args = quick("--epochs", "2", "--num-heads", "4", "--widths", "8,16,24", "--no-relative",
                  "--experiment", "bias")
     assert (args.epochs, args.num_heads, args.widths, args.experiments) == (
@@ -437,7 +440,8 @@ def test_demos_check_what_they_claim():
     assert aa.demo_branches()["conv_channels_equal_conv"]
     res = aa.demo_blockwise(grids=(4, 8))
     assert max(res["max_abs_error"]) < 1e-5 and res["blocks"] > 4
-    assert res["saved_mb"]["blockwise"][-1] < res["saved_mb"]["simple"][-1]
+    assert res["saved_mb"]["blockwise"][-1] < res["saved_mb"]["reference"][-1]
+    assert aa.demo_rel_to_abs()["rel_to_abs_correct"]
 
 
 def test_main_end_to_end_tiny(tiny_gray_folder, tmp_path):
@@ -445,7 +449,8 @@ def test_main_end_to_end_tiny(tiny_gray_folder, tmp_path):
     out = tmp_path / "run"
     common = ["--quick", "--data", tiny_gray_folder, "--image-size", "16", "--epochs", "1",
               "--seeds", "4", "--workers", "1", "--measure-batch", "8", "--widths", "8,16,16",
-              "--aa-stages", "2,3", "--out", str(out)]
+              "--aa-stages", "2,3", "--out", str(out), "--long-train", "32", "--long-epochs",
+              "1", "--long-seeds", "3"]
     res = aa.main(common + ["--experiment", "all", "--val-per-class", "2",
                             "--train-per-class", "5"])
     blob = json.load(open(out / "compare.json"))["metrics"]
@@ -454,7 +459,11 @@ def test_main_end_to_end_tiny(tiny_gray_folder, tmp_path):
     assert "uniform attention" in blob["uniform"]["acc"]["line"]
     assert all(r["images"] == 20 for r in blob["runs"])  # 5 per class x 4 classes
     assert [r["model"] for r in res["bias"]["rows"]] == [aa.NO_BIAS, aa.AA]
-    assert res["pilot"]["n_budget"] >= 2 and set(res["pilot"]["plan"]) == {aa.BASE, aa.NO_BIAS}
+    assert res["pilot"]["cifar"]["n"] >= 2 and res["pilot"]["long_range"]["n"] >= 3
+    long = res["longrange"]
+    assert long["receptive_field"] > 0 and len(long["runs"]) == 6
+    assert long["entry_check"]["met"] == (long["entry_check"]["resnet_acc"] <= 55)
+    assert os.path.getsize(out / "long_range_maps.png") > 1000
     assert len(res["maps"]["stats"]) == 3 and os.path.getsize(out / "attention_maps.png") > 1000
     res = aa.main(common)  # the preset's counts shrink to this dataset, with one note
     assert json.load(open(out / "compare.json"))["metrics"]["runs"][0]["images"] == 40
@@ -464,7 +473,7 @@ def test_bench_runs(tmp_path):
     res = aa.main(["--bench", "--bench-sizes", "8,12", "--bench-batch", "2", "--bench-steps",
                    "1", "--device", "cpu", "--out", str(tmp_path)])
     assert [(r["size"], r["layer"]) for r in res["rows"]][:4] == [
-        (8, "simple form"), (8, "blockwise"), (8, "blockwise + pooled"), (8, "plain 3x3 conv")]
+        (8, "reference form"), (8, "blockwise"), (8, "blockwise + pooled"), (8, "plain 3x3 conv")]
     assert len(res["rows"]) == 8 and all(r["ms_per_step"] > 0 for r in res["rows"])
     assert set(res["train_step_ms"]) == {"default", "channels_last"}
     assert os.path.exists(tmp_path / "bench.json")
