@@ -265,7 +265,7 @@ class AugmentedConv2d(nn.Module):
             self.key_rel_h, self.key_rel_w = relative_tables(max_size, dk // num_heads)
 
     def queries_keys_values(self, a):
-        """a: (B, C, H, W) -> q (times 1/sqrt(dkh)), k (B, Nh, N, dkh), v (B, Nh, N, dvh)."""
+        """a: (B, C, H, W) -> q (scaled), k: (B, Nh, N, dkh); v: (B, Nh, N, dvh)."""
         q, k, v = self.qkv(a).split([self.dk, self.dk, self.dv], dim=1)
         dkh = self.dk // self.num_heads
         q = split_heads(q, self.num_heads) * (dkh ** -0.5 if dkh else 1.0)
@@ -635,7 +635,7 @@ def wide_matmul(a, b):
 
 
 def row_blocks(G, N, block_elements):
-    """(head slice, row slice) pairs covering G x N query rows, ~block_elements logits."""
+    """(head slice, row slice) pairs over G x N query rows, ~block_elements logits."""
     heads = max(1, block_elements // (N * N))
     rows = min(N, max(1, block_elements // N))
     out = []
@@ -646,7 +646,7 @@ def row_blocks(G, N, block_elements):
 
 
 def block_weights(q, k, rel_h, rel_w, H, W):
-    """Softmax weights of one block, q (g, r, d) against all keys k (g, N, d): eq. 1, 3."""
+    """Softmax weights of one block: q (g, r, d) against all keys k (g, N, d)."""
     s = q @ k.transpose(1, 2)                                   # (g, r, N)
     if rel_h is not None:
         g, r, N = s.shape
@@ -661,6 +661,21 @@ def block_rel(rel_h, rel_w, hs, rs):
         return None, None
     return rel_h[hs, rs], rel_w[hs, rs]
 
+
+# %% [markdown]
+# **The backward pass by hand.** For one query row with weights $p = \mathrm{softmax}(s)$ and
+# output $o = p V$, the chain rule gives $\partial L / \partial V = p^\top \partial L / \partial o$
+# and $\partial L / \partial p_j = (\partial L / \partial o) \cdot v_j$. Through the softmax,
+#
+# $$\frac{\partial L}{\partial s_j} = p_j \Big(\frac{\partial L}{\partial p_j}
+# - \sum_{j'} p_{j'} \frac{\partial L}{\partial p_{j'}}\Big),
+# \qquad \sum_{j'} p_{j'} \frac{\partial L}{\partial p_{j'}}
+# = \frac{\partial L}{\partial o} \cdot o,$$
+#
+# so the correction term needs only the saved output $o$, not the weights (`delta` below).
+# The logits $s = q k^\top + $ `rel_h` $+$ `rel_w` then pass the gradient on: to $q$ and $k$
+# through the product, and to `rel_h` (`rel_w`) as the sum over the key columns (rows) they
+# were broadcast over.
 
 # %%
 class BlockwiseAttention(torch.autograd.Function):
@@ -768,7 +783,8 @@ def demo_blockwise(grids=(8, 16, 24, 32), block_elements=100):
         BlockwiseAttention.BLOCK_ELEMENTS = block
     errs = [(a - b).abs().max().item() for a, b in zip(ref, got)]
     print(f"reference vs blockwise, {n_blocks} blocks of query rows: max |difference| "
-          f"output {errs[0]:.1e}, input gradient {errs[1]:.1e}, r^H gradient {errs[2]:.1e}")
+          f"output {errs[0]:.1e}, input gradient {errs[1]:.1e}, "
+          f"r^H gradient {errs[2]:.1e}")
     saved = {"reference": [], "blockwise": []}
     for side in grids:
         x = torch.randn(1, 4, side, side, requires_grad=True)
@@ -805,6 +821,21 @@ if utils.in_notebook():
 #   white squares in opposite corners, label "they match". The plain ResNet's last feature
 #   map sees 25 rows, a unit needs 26 to touch both squares, so its entry check asks that it
 #   stays near chance; the AA-ResNet of the same depth and width can attend across.
+#
+#   *Why 25.* A $3 \times 3$ convolution widens what a unit sees by 2 steps of its input
+#   grid, and a stride-2 convolution doubles the step for the layers after it. The stem sees
+#   3 pixels; stage 1 (two convolutions, 1-pixel steps) 7; stage 2 9 after its strided
+#   convolution, then 13 (steps of 2 pixels); stage 3 17, then 25 (steps of 4 pixels). The
+#   $1 \times 1$ shortcuts add nothing. The lab's `receptive_field` measures it by autograd.
+#
+#   *Why chance.* The head averages the last feature map over the grid and applies a linear
+#   map, so the ResNet's logit is a sum over units, and each unit sees at most one square:
+#   logit $= a(\text{first square}) + b(\text{second square}) + $ terms of the noise. For the
+#   label "the squares match" the four cases (black, black), (white, white), (black, white),
+#   (white, black) are equally likely; the cross-entropy of such a sum is smallest when
+#   $a$ and $b$ are constants (the loss is convex and symmetric under swapping black and
+#   white in both squares at once), which is a constant guess. An attention layer puts the
+#   two squares into one unit, and the ReLUs after it can compare them.
 # - **CIFAR-10** (`--experiment compare`): the same comparison on real images at CPU scale,
 #   plus the trained AA-ResNet against itself with uniform attention (is attention used?).
 
@@ -883,7 +914,7 @@ FLAGS = {
     "epochs": "epochs per run",
     "batch_size": "training batch",
     "lr": "peak learning rate",
-    "weight_decay": ("on kernels only (not biases, norms, r^H, r^W)", utils.nonneg_float),
+    "weight_decay": ("on kernels only (no biases, norms, r^H, r^W)", utils.nonneg_float),
     "warmup_epochs": ("linear warmup, then cosine", utils.nonneg_float),
     "optimizer": ("adamw, or sgd (Nesterov)", {"choices": ("adamw", "sgd")}),
     "widths": "channels of the 3 stages",
@@ -894,10 +925,10 @@ FLAGS = {
     "kappa": "dk / F_out",
     "upsilon": "dv / F_out",
     "min_dkh": ("at least this many key dims per head", utils.nonneg_int),
-    "no_relative": ("AA layers without relative position logits", {"action": "store_true"}),
+    "no_relative": ("AA layers without relative logits", {"action": "store_true"}),
     "measure_batch": "batch of the memory column",
     "bench_sizes": "--bench grids (square)",
-    "bench_batch": "--bench batch (lowered where the reference form's logits would not fit)",
+    "bench_batch": "--bench batch (lowered where the reference logits would not fit)",
     "bench_steps": "--bench timed steps per row",
     "long_widths": "long-range task: channels of the 3 stages",
     "long_blocks": "long-range task: residual blocks per stage",
@@ -922,7 +953,7 @@ def check(args):
         raise utils.InputError(f"--aa-stages {list(args.aa_stages)} must name stages 1-3 and "
                                f"--pool-stages {list(args.pool_stages)} a subset of them")
     if args.upsilon > 1:
-        raise utils.InputError(f"--upsilon {args.upsilon}: at most 1 (all channels attention)")
+        raise utils.InputError(f"--upsilon {args.upsilon}: at most 1 (all attention)")
     no_val = args.val_per_class == 0 and "val_per_class" not in args.preset_keys
     if "pilot" in args.experiments and no_val:
         raise utils.InputError("--experiment pilot needs a validation split: "
@@ -936,7 +967,7 @@ def quick_args(*argv):
 
 
 def build_model(args, num_classes, *, aa, bias=True, **kw):
-    """The lab's ResNet: its AA layers take the blockwise path (equal, faster on a CPU)."""
+    """The lab's ResNet: AA layers take the blockwise path (equal, faster on a CPU)."""
     kw.setdefault("layer", BlockwiseAugmentedConv2d)
     return ResNet(num_classes=num_classes, widths=args.widths, blocks=args.blocks,
                   aa_stages=args.aa_stages if aa else (), pool_stages=args.pool_stages,
@@ -970,7 +1001,7 @@ def make_arm(args, num_classes, seed, arm):
 
 
 def full_preset_models(num_classes=10):
-    """Every model the full preset trains, at full size: name -> (model, None, image_size)."""
+    """The full preset's models at full size: name -> (model, None, image_size)."""
     args = utils.cli(__doc__, PRESETS, FLAGS, [], experiments=EXPERIMENTS)
     models = {}
     for arm in (BASE, AA):
@@ -990,7 +1021,7 @@ def pin_counts(args, data):
 
 
 def count_flops(model, input_shape, device="cpu"):
-    """Forward FLOPs of one (C, H, W) input by torch's FlopCounterMode (1 MAC = 2 FLOPs)."""
+    """Forward FLOPs of one (C, H, W) input, by FlopCounterMode (1 MAC = 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
     was_training = model.training
     model.eval()
@@ -1007,7 +1038,7 @@ def uniform_attention(q, k, v, H, W):
 
 
 def evaluate_uniform(model, loader):
-    """The trained network with all its attention weights set to uniform: is attention used?"""
+    """The trained network with every attention weight set to 1/N: is attention used?"""
     layers = [m for m in model.modules() if isinstance(m, AugmentedConv2d) and m.dv]
     for m in layers:
         m.attention = uniform_attention
@@ -1019,7 +1050,7 @@ def evaluate_uniform(model, loader):
 
 
 def loaders(args, data, seed, pad):
-    """(train, val or None, test) loaders of one run; pad = 0 turns the random crop off."""
+    """(train, val or None, test) loaders of one run; pad = 0: no random crop."""
     kw = dict(device=utils.get_device(args.device), mean=data.mean, std=data.std)
     train = utils.DeviceLoader(data.x_train, data.y_train, batch_size=args.batch_size,
                                train=True, seed=seed, pad=pad, **kw)
@@ -1066,7 +1097,7 @@ def train_arm(args, data, seed, arm, split="test", pad=4):
 
 
 def run_seed(args, seed, arms, split):
-    """One job for utils.run_jobs: the seed's data subset, and every arm trained on it."""
+    """One job for utils.run_jobs: the seed's data subset, every arm trained on it."""
     data = utils.data_from_args(args, seed=seed)
     return [train_arm(args, data, seed, arm, split) for arm in arms]
 
@@ -1135,7 +1166,8 @@ def compare_arms(args, data, device, a, b):
     rows, text = table(args, data, device, by, seeds, (b, a), "test")
     runs_a = [by[a, s] for s in seeds]
     v = verdicts(runs_a, [by[b, s] for s in seeds], a, b)
-    return dict(seeds=seeds, rows=rows, table=text, verdicts=v, runs=list(by.values())), state
+    res = dict(seeds=seeds, rows=rows, table=text, verdicts=v, runs=list(by.values()))
+    return res, state
 
 
 def exp_compare(args, data, device, out):
@@ -1143,7 +1175,7 @@ def exp_compare(args, data, device, out):
     test images, accuracy and NLL; and the trained AA-ResNet against itself with uniform
     attention."""
     res, state = compare_arms(args, data, device, AA, BASE)
-    print("is attention used? the trained AA-ResNet against itself with uniform attention:")
+    print("is attention used? the trained AA-ResNet against itself, uniform attention:")
     aa_runs = [r for r in res["runs"] if r["arm"] == AA]
     res["uniform"] = verdicts(aa_runs, aa_runs, AA, "uniform attention",
                               ("acc_uniform", "nll_uniform"))
@@ -1249,7 +1281,7 @@ def exp_longrange(args, device, out):
           f"\u2192 {met}", flush=True)
     runs_a = [by[AA, s] for s in seeds]
     v = verdicts(runs_a, [by[BASE, s] for s in seeds], AA, BASE)
-    print("is attention used? the trained AA-ResNet against itself with uniform attention:")
+    print("is attention used? the trained AA-ResNet against itself, uniform attention:")
     uni = verdicts(runs_a, runs_a, AA, "uniform attention", ("acc_uniform", "nll_uniform"))
     maps = long_range_maps(largs, state, out)
     return dict(receptive_field=rf, seeds=seeds, entry_check=dict(
@@ -1310,12 +1342,14 @@ def exp_pilot(args, data, device, out, budget_s=450):
     by, seeds, _ = train_all(largs, (AA, BASE), split="val", job=run_long_seed)
     long_plan = pilot_plan(by, seeds, "long-range")
     n_long = next(n for n in range(3, 100) if half_width(long_plan["sd"], n) <= 5)
-    long_cost = statistics.mean(by[AA, s]["seconds"] + by[BASE, s]["seconds"] for s in seeds)
+    pair_s = [by[AA, s]["seconds"] + by[BASE, s]["seconds"] for s in seeds]
+    long_cost = statistics.mean(pair_s)
     long_s = n_long * long_cost / args.workers
     print(f"pilot, long-range: n = {n_long} pairs (the fewest >= 3 with a 95% CI half-width "
           f"<= 5 points: +-{half_width(long_plan['sd'], n_long):.2f}); one pair ~{long_cost:.0f}"
           f" s, so ~{long_s:.0f} s of --quick on {args.workers} worker(s)", flush=True)
-    pargs = type(args)(**{**vars(args), "val_per_class": args.val_per_class or PILOT_VAL_PER_CLASS})
+    val_per_class = args.val_per_class or PILOT_VAL_PER_CLASS
+    pargs = type(args)(**{**vars(args), "val_per_class": val_per_class})
     by, seeds, _ = train_all(pargs, (AA, BASE), split="val")
     plan = pilot_plan(by, seeds, "CIFAR-10")
     n_val = pargs.val_per_class * data.num_classes
@@ -1364,7 +1398,7 @@ def attention_weights(model, x):
 
 
 def head_summary(maps):
-    """Per head: mean over images and queries of the largest weight and the entropy (nats)."""
+    """Per head: the mean over images and queries of the top weight and entropy (nats)."""
     top = maps.amax(-1).mean(dim=(0, 2))                                       # (Nh,)
     entropy = -(maps * maps.clamp_min(1e-12).log()).sum(-1).mean(dim=(0, 2))  # (Nh,)
     return top.tolist(), entropy.tolist()
