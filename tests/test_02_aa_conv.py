@@ -3,6 +3,7 @@ simple form (values, gradients, float64 gradcheck with query rows split into blo
 strided and pooled paths, upsilon = 0 and kappa = 0, which biases matter under BatchNorm, the
 paired arms, the command line, end-to-end runs (tiny data, --bench, demos) and, with $DATA_DIR,
 a network trained on real CIFAR-10 that uses its attention."""
+import importlib
 import json
 import math
 import os
@@ -541,3 +542,77 @@ def test_real_cifar_attention_sharpens_with_training(trained_on_cifar):
     fig = aa.plot_attention(torch.rand(2, 2, 8, 8), torch.rand(1, 2, 8, 8), data.x_test[:2],
                             ["a", "b"], (4, 4))
     assert len(fig.axes) == 3 * 3 + 1
+
+
+# ---------------------------------------------------------------------------- exercises
+
+def solutions():
+    return importlib.import_module("solutions.02_aa_conv")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_exercise_solutions_hold(n):
+    """Every exercise's answer (none needs data) is computed and asserted by its solution."""
+    getattr(solutions(), f"exercise_{n}")()
+
+
+@pytest.mark.parametrize("who", ["solution", "student"])
+def test_implement_rel_to_abs(who):
+    """Exercise 3, graded: my_rel_to_abs against rel_to_abs and an explicit per-entry loop."""
+    fn = solutions().my_rel_to_abs if who == "solution" else aa.my_rel_to_abs
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 1), (2, 3), (4, 7), (2, 3, 5, 9)):
+        x = torch.randn(*shape, generator=g)
+        try:
+            got = fn(x)
+        except NotImplementedError:
+            pytest.skip("my_rel_to_abs not written yet: fill in my_rel_to_abs in the "
+                        "Exercises section of 02_aa_conv.py")
+        L = shape[-2]
+        ref = torch.empty(*shape[:-1], L)
+        for i in range(L):
+            for j in range(L):
+                ref[..., i, j] = x[..., i, j - i + L - 1]
+        assert got.shape == ref.shape and torch.equal(got, ref), shape
+        assert torch.equal(got, aa.rel_to_abs(x))
+
+
+def test_long_range_task_is_beyond_the_plain_resnets_receptive_field():
+    """No unit of the long-range ResNet's last feature map depends on pixels of both squares
+    (gradients of every unit, both diagonals), and each square is seen by some unit."""
+    args = aa.long_range_args(quick())
+    net = aa.build_model(args, 2, aa=False).double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    feat = net.blocks(net.stem(x))
+    c = aa.LONG_CUE
+    corners = {"tl": (slice(0, c), slice(0, c)), "tr": (slice(0, c), slice(32 - c, 32)),
+               "bl": (slice(32 - c, 32), slice(0, c)), "br": (slice(32 - c, 32), slice(32 - c, 32))}
+    seen = set()
+    for i in range(feat.shape[2]):
+        for j in range(feat.shape[3]):
+            grad = torch.autograd.grad(feat[0, :, i, j].sum(), x, retain_graph=True)[0][0]
+            sees = {k for k, (ys, xs) in corners.items() if grad[:, ys, xs].abs().sum() > 0}
+            assert not {"tl", "br"} <= sees and not {"tr", "bl"} <= sees, (i, j, sees)
+            seen |= sees
+    assert seen == set(corners)
+    assert aa.receptive_field(aa.build_model(args, 2, aa=False), 32) == 25
+
+
+def test_long_range_images_follow_the_rule():
+    """Two uniform squares in opposite corners, black or white, label 1 iff they match; the
+    background never takes a square's value; both labels and diagonals occur."""
+    x, y = aa.long_range_images(64, seed=5)
+    c = aa.LONG_CUE
+    tl = x[:, :, :c, :c].flatten(1)
+    tr = x[:, :, :c, -c:].flatten(1)
+    br = x[:, :, -c:, -c:].flatten(1)
+    bl = x[:, :, -c:, :c].flatten(1)
+    main_diag = (tl.min(1).values == tl.max(1).values) & (tl[:, 0] % 255 == 0)
+    first = torch.where(main_diag, tl[:, 0], tr[:, 0])
+    second = torch.where(main_diag, br[:, 0], bl[:, 0])
+    assert torch.equal((first == second).long(), y)
+    assert 0 < y.sum() < 64 and 0 < main_diag.sum() < 64
+    middle = x[:, :, c:-c]
+    assert middle.min() >= 64 and middle.max() < 192
+    x2, y2 = aa.long_range_images(64, seed=5)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
