@@ -899,7 +899,7 @@ PRESETS = {
     "quick": dict(SHARED, widths=(16, 32, 64), blocks=(1, 1, 2), aa_stages=(3,),
                   pool_stages=(), num_heads=2, kappa=0.2, upsilon=0.25, min_dkh=20,
                   epochs=4, batch_size=64, lr=3e-3, weight_decay=0.05, optimizer="adamw",
-                  warmup_epochs=1.0, seeds=10, train_per_class=500, workers=2, threads=1,
+                  warmup_epochs=1.0, seeds=9, train_per_class=500, workers=2, threads=1,
                   **LONG_RANGE, experiments=["longrange", "compare", "maps"]),
     # full, one GPU: the paper's CIFAR rule (Nh 8, kappa 0.2, upsilon 0.1, >= 20 key dims)
     # in every block of a wide ResNet-14; the 32x32 stage pools its attention. Not measured.
