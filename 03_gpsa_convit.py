@@ -100,7 +100,7 @@ class GPSA(nn.Module):
     reference form). x (B, N, C) -> (B, N, C)."""
 
     def __init__(self, dim, *, num_heads, locality_strength=1.0, use_local_init=True,
-                 qkv_bias=False):
+                 qkv_bias=False, gate_scale=1.0):
         super().__init__()
         assert dim % num_heads == 0, (f"dim={dim} must be divisible by num_heads={num_heads}: "
                                       f"pick e.g. {num_heads * max(1, dim // num_heads)}")
@@ -111,7 +111,8 @@ class GPSA(nn.Module):
         self.v = nn.Linear(dim, dim, bias=qkv_bias)          # W_val, read by both maps
         self.proj = nn.Linear(dim, dim)                      # W_out (eq. 2)
         self.pos_proj = nn.Linear(3, num_heads)              # row h = v_pos^h (its bias cancels)
-        self.gating_param = nn.Parameter(torch.ones(num_heads))  # lambda_h = 1 (Sec. 3)
+        self.gate_scale = gate_scale                         # lambda_h = gate_scale * theta_h
+        self.gating_param = nn.Parameter(torch.full((num_heads,), 1.0 / gate_scale))  # lambda=1
         self.register_buffer("rel_indices", torch.zeros(0, 0, 3), persistent=False)  # r_ij cache
         for m in (self.qk, self.v, self.proj, self.pos_proj):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -132,6 +133,10 @@ class GPSA(nn.Module):
         for h, (dx, dy) in enumerate(head_centres(self.num_heads)):
             self.pos_proj.weight[h] = self.locality_strength * torch.tensor([2 * dx, 2 * dy, -1.0])
         self.pos_proj.bias.zero_()
+
+    def gate(self):
+        """sigma(lambda_h) per head. -> (h,)"""
+        return torch.sigmoid(self.gate_scale * self.gating_param)
 
     def rel(self, N):
         """r_ij for N tokens, built once in the weights' device and dtype. -> (N, N, 3)"""
@@ -155,7 +160,7 @@ class GPSA(nn.Module):
 
     def get_attention(self, x):
         """normalize[A^h] for every head (eq. 7, then eq. 6). x (B, N, C) -> (B, h, N, N)"""
-        gate = torch.sigmoid(self.gating_param).view(-1, 1, 1)           # (h, 1, 1): per head
+        gate = self.gate().view(-1, 1, 1)                                # (h, 1, 1): per head
         # eq. 7: content (B, h, N, N) and positional (h, N, N) maps, mixed head by head
         attn = (1 - gate) * self.content_attention(x) + gate * self.positional_attention(x.shape[1])
         return attn / attn.sum(dim=-1, keepdim=True)                      # eq. 6: normalize
@@ -342,7 +347,7 @@ class FastGPSA(GPSA):
         v_cols = v.permute(2, 1, 0, 3).reshape(h, N, B * d)    # (h, N, B*d): batch in columns
         positional = self.positional_attention(N) @ v_cols     # (h, N, B*d): a matmul per head
         positional = positional.view(h, N, B, d).permute(2, 1, 0, 3)        # (B, N, h, d)
-        gate = torch.sigmoid(self.gating_param).view(h, 1)     # (h, 1): over (B, N, h, d)
+        gate = self.gate().view(h, 1)                          # (h, 1): over (B, N, h, d)
         out = (1 - gate) * content.transpose(1, 2) + gate * positional       # (B, N, h, d)
         return self.proj(out.reshape(B, N, C))                               # (B, N, C)
 
@@ -408,7 +413,7 @@ class ConViT(nn.Module):
 
     def __init__(self, *, img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=192,
                  depth=12, num_heads=4, mlp_ratio=4.0, local_up_to_layer=10,
-                 locality_strength=1.0, use_local_init=True, fast=True):
+                 locality_strength=1.0, use_local_init=True, fast=True, gate_scale=1.0):
         super().__init__()
         assert img_size % patch_size == 0, f"img_size={img_size} is not divisible by " \
                                            f"patch_size={patch_size}: change one of them"
@@ -420,7 +425,8 @@ class ConViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, gpsa=i < local_up_to_layer,
-                  fast=fast, locality_strength=locality_strength, use_local_init=use_local_init)
+                  fast=fast, locality_strength=locality_strength, use_local_init=use_local_init,
+                  gate_scale=gate_scale)
             for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
@@ -455,7 +461,7 @@ class ConViT(nn.Module):
 
 def gates(model):
     """sigma(lambda_h) of every GPSA block: (GPSA blocks, h); 1 = positional, 0 = content."""
-    g = [torch.sigmoid(b.attn.gating_param.detach()) for b in model.blocks if b.use_gpsa]
+    g = [b.attn.gate().detach() for b in model.blocks if b.use_gpsa]
     return torch.stack(g) if g else torch.zeros(0)
 
 
@@ -548,21 +554,22 @@ if utils.in_notebook():
 
 # %%
 PRESETS = {  # every setting of both presets; the common flags' too
-    # 2-core CPU, <= 10 min on 2 workers; how the regime was chosen: runs/03_gpsa_convit/RESULTS.md
-    "quick": dict(image_size=24, embed_dim=48, depth=3, local_up_to_layer=2, mlp_ratio=2.0,
-                  cnn_widths=(16, 32, 64), sizes=(200, 1000), steps=1560, batch_size=64, lr=2e-3,
-                  warmup_frac=0.05, seeds=4, ablation_seeds=4, workers=2, threads=1,
-                  experiments=["sample", "controls"]),
+    # 2-core CPU, <= 8 min on 2 workers; how the regime was chosen: runs/03_gpsa_convit/RESULTS.md
+    "quick": dict(image_size=24, patch_size=3, embed_dim=36, num_heads=9, depth=4,
+                  local_up_to_layer=2, mlp_ratio=2.0, gate_scale=10.0, cnn_widths=(16, 32, 64),
+                  sizes=(50, 500), steps=400, batch_size=64, lr=2e-3, warmup_frac=0.05, seeds=4,
+                  ablation_seeds=4, workers=2, threads=1, experiments=["sample"]),
     # ConViT-Ti (embed 192 = 4 heads x 48, 10 GPSA + 2 MHSA blocks) on 32 x 32 CIFAR-10, one GPU
     # (not measured here): 1000 epochs of 500 images per class, 100 of 5000
-    "full": dict(image_size=32, embed_dim=192, depth=12, local_up_to_layer=10, mlp_ratio=4.0,
-                 cnn_widths=(64, 128, 256), sizes=(500, 5000), steps=39000, batch_size=128,
-                 lr=1e-3, warmup_frac=0.02, seeds=3, ablation_seeds=3, workers=1, threads=None,
+    "full": dict(image_size=32, patch_size=4, embed_dim=192, num_heads=4, depth=12,
+                 local_up_to_layer=10, mlp_ratio=4.0, gate_scale=1.0, cnn_widths=(64, 128, 256),
+                 sizes=(500, 5000), steps=39000, batch_size=128, lr=1e-3, warmup_frac=0.02,
+                 seeds=3, ablation_seeds=3, workers=1, threads=None,
                  experiments=["sample", "controls", "ablation"]),
 }
 for _p in PRESETS.values():  # the same in both
-    _p.update(patch_size=4, num_heads=4, locality_strength=1.0, weight_decay=0.05,
-              eval_split="test", train_per_class=None, val_per_class=0, test_per_class=None)
+    _p.update(locality_strength=1.0, weight_decay=0.05, eval_split="test", train_per_class=None,
+              val_per_class=0, test_per_class=None)
 FLAGS = {
     "embed_dim": "C, the token width", "depth": "L, the number of blocks",
     "num_heads": "h; a square number tiles a sqrt(h) x sqrt(h) grid of head centres",
@@ -572,8 +579,11 @@ FLAGS = {
     "sizes": "training images per class of the sample experiment (the smallest: the other ones')",
     "steps": "optimiser steps of every run, whatever its size (Table 2: same images seen)",
     "batch_size": "images per step", "lr": "AdamW peak learning rate (warmup, then cosine to 0)",
-    "weight_decay": ("AdamW weight decay (not on biases, norms, positional parameters, gates)",
+    "weight_decay": ("AdamW weight decay (not on biases, norms, gates, the position embedding "
+                     "and class token; v_pos decays, as in the official code)",
                      utils.nonneg_float),
+    "gate_scale": ("s in lambda_h = s theta_h: under Adam, the gates' learning rate times s "
+                   "(1: the paper)", utils.positive_float),
     "warmup_frac": ("linear warmup, a fraction of each run's steps", utils.nonneg_float),
     "seeds": "paired seeds (--seed, --seed+1, ...) of every experiment but the ablation",
     "ablation_seeds": "paired seeds of the ablation (the first of --seeds)",
@@ -652,7 +662,7 @@ def build_model(args, num_classes, *, convit=True, use_local_init=True, fast=Tru
                   embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
                   mlp_ratio=args.mlp_ratio, local_up_to_layer=args.local_up_to_layer * convit,
                   locality_strength=args.locality_strength, use_local_init=use_local_init,
-                  fast=fast)
+                  fast=fast, gate_scale=args.gate_scale)
 
 
 @torch.no_grad()
@@ -764,8 +774,13 @@ def run_job(args, ref, arm, n, seed):
                        warmup_epochs=args.warmup_frac * epochs, label_smoothing=0.1,
                        grad_clip=1.0, log=lambda line: None)
     score = utils.evaluate(model, evl)
+    # the training images themselves, un-augmented: what the model has fitted
+    seen = utils.DeviceLoader(data.x_train[idx], data.y_train[idx], batch_size=500, train=False,
+                              **kw)
+    fitted = utils.evaluate(model, seen)
     res = {"arm": arm, "n": n, "seed": seed, "acc": score.acc, "nll": score.nll,
-           "train_acc": hist[-1]["train_acc"], "images": len(idx), "epochs": epochs,
+           "train_acc": fitted.acc, "gap": fitted.acc - score.acc,
+           "train_acc_augmented": hist[-1]["train_acc"], "images": len(idx), "epochs": epochs,
            "steps": epochs * len(loader), "params": utils.count_params(model),
            "locality": {"start": start, "end": locality(model, probe)} if is_vit else None,
            "seconds": round(time.time() - t0, 1)}
@@ -787,7 +802,7 @@ def train_runs(args, ref, keys):
 # The experiments, one per claim: each reads its runs, prints its table and verdicts, returns JSON.
 NEEDS = {  # experiment -> the runs (arm, images per class, seed) it reads
     "sample": lambda a: [(arm, n, s) for n in a.sizes for s in seeds(a)
-                         for arm in ("deit", "convit")],
+                         for arm in ("deit", "convit", "linear")],
     "controls": lambda a: [(arm, n, s) for n in a.sizes for s in seeds(a)
                            for arm in ("deit", "linear") + ("cnn",) * (n == min(a.sizes))],
     "ablation": lambda a: [(arm, min(a.sizes), s) for s in seeds(a, a.ablation_seeds)
@@ -809,7 +824,7 @@ def ci(rs, key, digits=1):
 
 
 def per_seed(rs):
-    return [{k: r[k] for k in ("seed", "acc", "nll", "train_acc")} for r in rs]
+    return [{k: r[k] for k in ("seed", "acc", "nll", "train_acc", "gap")} for r in rs]
 
 
 def verdicts(a, b, name_a, name_b):
@@ -833,48 +848,110 @@ def save_figure(fig, out, name):
     fig.savefig(os.path.join(out, f"{name}.png"), dpi=100)
 
 
+def entry_checks(args, runs):
+    """The regime's preconditions, printed before any verdict: DeiT overfits the small set (the
+    claim is about data as the limit), and DeiT beats a linear classifier on pixels at every
+    size (it learned features). -> {name: met}"""
+    n, held = min(args.sizes), "held-out" if args.eval_split == "test" else "validation"
+    deit = get(runs, "deit", n, args)
+    gap = sum(r["gap"] for r in deit) / len(deit)
+    met = {f"gap@{n}": gap >= 15}
+    print(f"entry check: sample efficiency: DeiT train \u2212 {held} accuracy at {n}/class = "
+          f"{gap:.1f} points (needs \u2265 15) \u2192 {'met' if gap >= 15 else 'not met'}",
+          flush=True)
+    for m in args.sizes:
+        v = utils.compare_paired([r["acc"] for r in get(runs, "deit", m, args)],
+                                 [r["acc"] for r in get(runs, "linear", m, args)],
+                                 name_a="DeiT", name_b="linear on pixels", log=None)
+        met[f"deit>linear@{m}"] = v["ci"][0] > 0
+        print(f"entry check: sample efficiency: DeiT \u2212 linear on pixels at {m}/class = "
+              f"{_signed(v['diff'])} points, 95% CI [{_signed(v['ci'][0])}, "
+              f"{_signed(v['ci'][1])}] (needs CI above 0) \u2192 "
+              f"{'met' if met[f'deit>linear@{m}'] else 'not met'}", flush=True)
+    return met
+
+
+def _signed(v):
+    return f"{v:+.1f}".replace("-", "\u2212")
+
+
+def gate_report(args, runs, n):
+    """The gates sigma(lambda_h) after training at n images per class, mean over seeds, per
+    GPSA block and head; a head has left position when its gate is below 0.5. -> (L', h)"""
+    g = torch.tensor([r["locality"]["end"]["gates"] for r in get(runs, "convit", n, args)])
+    mean = g.mean(0)                                                       # (L', h)
+    for i, row in enumerate(mean.tolist()):
+        content = [h + 1 for h, v in enumerate(row) if v < 0.5]
+        print(f"  gates after training, {n}/class, GPSA block {i + 1} (start 0.73): "
+              + " ".join(f"{v:.2f}" for v in row)
+              + f" | heads mostly content (< 0.5): {content or 'none'}", flush=True)
+    return g
+
+
 def exp_sample(args, runs, out):
     """Paper Table 2: ConViT vs DeiT at each training-set size, the same steps, paired seeds;
-    and where their attention looks before and after training (Fig. 5-6)."""
+    each arm's train - held-out gap; the change of the gain; the gates after training."""
     print(f"\n== sample efficiency (paper Table 2): ConViT vs DeiT at {args.sizes} images per "
           f"class, {args.seeds} paired seeds, scored on {args.eval_split} ==", flush=True)
-    res, rows = {"sizes": []}, []
+    res = {"entry": entry_checks(args, runs), "sizes": []}
+    rows = []
     for n in args.sizes:
-        d, c = get(runs, "deit", n, args), get(runs, "convit", n, args)
+        d = get(runs, "deit", n, args)
+        c = get(runs, "convit", n, args)
+        lin = get(runs, "linear", n, args)
         print(f"  {n} images per class ({d[0]['images']} images, {d[0]['epochs']} epochs, "
               f"{d[0]['steps']} steps): ConViT vs DeiT")
-        res["sizes"].append({"n": n, "images": d[0]["images"], "epochs": d[0]["epochs"],
-                             "steps": d[0]["steps"], "deit": per_seed(d), "convit": per_seed(c),
-                             "verdict": verdicts(c, d, "ConViT", "DeiT")})
-        rows.append([n, d[0]["epochs"], d[0]["steps"], ci(d, "acc"), ci(c, "acc"),
-                     ci(d, "nll", 3), ci(c, "nll", 3), f"{ci(d, 'train_acc')} / "
-                     f"{ci(c, 'train_acc')}"])
-    print_table(["img/class", "epochs", "steps", "DeiT %", "ConViT %", "DeiT NLL", "ConViT NLL",
-                 "train % DeiT / ConViT"], rows)
-    n = min(args.sizes)  # where the attention looks, eq. 8 (Fig. 5), and the gates (Fig. 6)
-    res["locality"] = {a: [x["locality"] for x in get(runs, a, n, args)] for a in ARMS
-                       if a in ("deit", "convit")}
-    nl = {a: torch.tensor([[x[w]["nonlocality"] for w in ("start", "end")] for x in v]).mean(0)
-          for a, v in res["locality"].items()}                              # (2, L)
-    print(f"  non-locality per layer (patches), start -> end, {n}/class, mean of {args.seeds} "
-          f"seeds: " + "; ".join(f"{ARMS[a]} " + ", ".join(f"{s:.2f} -> {e:.2f}" for s, e in
-                                                         v.T.tolist()) for a, v in nl.items()))
-    g = torch.tensor([x["end"]["gates"] for x in res["locality"]["convit"]]).mean(0)  # (L', h)
-    print("  ConViT's gates sigma(lambda_h) per GPSA block at the end (start 0.73): "
-          + "; ".join(" ".join(f"{v:.2f}" for v in row) for row in g.tolist()))
+        size = {"n": n, "images": d[0]["images"], "epochs": d[0]["epochs"],
+                "steps": d[0]["steps"], "deit": per_seed(d), "convit": per_seed(c),
+                "linear": per_seed(lin), "verdict": verdicts(c, d, "ConViT", "DeiT")}
+        print("    gap:      ", end="")
+        size["gap_verdict"] = utils.compare_paired(
+            [r["gap"] for r in c], [r["gap"] for r in d], name_a="ConViT's gap",
+            name_b="DeiT's gap", higher_is_better=False, log=print)
+        res["sizes"].append(size)
+        rows.append([n, d[0]["epochs"], d[0]["steps"], ci(lin, "acc"), ci(d, "acc"),
+                     ci(c, "acc"), ci(d, "nll", 3), ci(c, "nll", 3), ci(d, "train_acc"),
+                     ci(c, "train_acc"), ci(d, "gap"), ci(c, "gap")])
+    print_table(["img/class", "epochs", "steps", "linear %", "DeiT %", "ConViT %", "DeiT NLL",
+                 "ConViT NLL", "DeiT train %", "ConViT train %", "DeiT gap", "ConViT gap"],
+                rows)
     if len(args.sizes) > 1:  # does the gain shrink as the data grow (paper Table 2)?
         lo, hi = res["sizes"][0], res["sizes"][-1]
-        gain = [[c["acc"] - d["acc"] for c, d in zip(s["convit"], s["deit"])] for s in (lo, hi)]
-        print("  does the gain shrink with more data? (same seeds: paired)")
-        res["gain_shrinks"] = utils.compare_paired(
-            *gain, name_a=f"gain at {lo['n']}/class", name_b=f"gain at {hi['n']}/class",
-            log=lambda s: print("    accuracy: " + s, flush=True))
+        print(f"  the change of the gain from {lo['n']} to {hi['n']} images per class (same "
+              f"seeds: paired):")
+        res["gain_change"] = {}
+        for key, unit, digits, better in (("acc", "points", 1, True), ("nll", "nats", 3, False)):
+            gain = [s["verdict"][key]["per_pair"] for s in (lo, hi)]
+            res["gain_change"][key] = utils.compare_paired(
+                *gain, name_a=f"gain at {lo['n']}/class", name_b=f"gain at {hi['n']}/class",
+                unit=unit, digits=digits, higher_is_better=better,
+                bound=1.0 if key == "acc" else 0.02,
+                log=lambda line: print(f"    {'accuracy' if key == 'acc' else 'NLL':9s} " + line,
+                                       flush=True))
+    res["locality"] = {}
+    for n in args.sizes:  # where the attention looks (eq. 8, Fig. 5) and the gates (Fig. 6)
+        res["locality"][n] = {a: [x["locality"] for x in get(runs, a, n, args)]
+                              for a in ("deit", "convit")}
+        nl = {a: torch.tensor([[x[w]["nonlocality"] for w in ("start", "end")] for x in v]).mean(0)
+              for a, v in res["locality"][n].items()}                       # (2, L)
+        print(f"  non-locality per layer (patches), start -> end, {n}/class: "
+              + "; ".join(f"{ARMS[a]} " + ", ".join(f"{s:.2f} -> {e:.2f}" for s, e in v.T.tolist())
+                          for a, v in nl.items()), flush=True)
+        gate_report(args, runs, n)
+    sample_figure(args, res, out)
+    return res
+
+
+def sample_figure(args, res, out):
     fig = Figure(figsize=(9, 3.4))
     ax, bx = fig.subplots(1, 2)
-    bars = lambda a, cis, **kw: a.errorbar(args.sizes, [m for m, _, _ in cis], capsize=4,  # noqa
-                                           yerr=[[m - lo for m, lo, _ in cis],
-                                                 [hi - m for m, _, hi in cis]], **kw)
-    for kind in ("deit", "convit"):
+
+    def bars(a, cis, **kw):
+        means = [m for m, _, _ in cis]
+        yerr = [[m - lo for m, lo, _ in cis], [hi - m for m, _, hi in cis]]
+        a.errorbar(args.sizes, means, yerr=yerr, capsize=4, **kw)
+
+    for kind in ("linear", "deit", "convit"):
         bars(ax, [utils.mean_ci([r["acc"] for r in s[kind]]) for s in res["sizes"]], fmt="o-",
              label=ARMS[kind])
     bars(bx, [(s["verdict"]["acc"]["diff"], *s["verdict"]["acc"]["ci"]) for s in res["sizes"]],
@@ -883,12 +960,11 @@ def exp_sample(args, runs, out):
     ax.set(ylabel=f"{args.eval_split} accuracy % (mean, 95% CI)", title="Sample efficiency")
     bx.set(ylabel="ConViT - DeiT, points", title=f"paired gain, 95% CI, n={args.seeds}")
     for a in (ax, bx):
-        a.set(xscale="log", xlabel=f"training images per class ({d[0]['steps']} steps each)")
+        a.set(xscale="log", xlabel=f"training images per class ({args.steps} steps each)")
         a.set_xticks(args.sizes, [str(n) for n in args.sizes])
         a.minorticks_off()
     ax.legend()
     save_figure(fig, out, "sample")
-    return res
 
 
 def exp_controls(args, runs, out):
