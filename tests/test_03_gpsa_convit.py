@@ -530,3 +530,58 @@ def test_conv_equivalence_on_real_cifar_tokens(data_dir):
     weight = torch.stack([_conv_kernel(m.head_centres(9)[c // 4]) for c in range(36)])[:, None]
     conv = F.conv2d(x.transpose(1, 2).reshape(10, 36, 8, 8), weight, padding=1, groups=36)
     assert torch.allclose(out[..., 1:-1, 1:-1], conv[..., 1:-1, 1:-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("who", ["solution", "student"])
+def test_implement_gated_mix(who):
+    """Exercise 3, graded: my_gated_mix against the script's gated_mix, a different gate in
+    every head, several shapes (one head, a batch of one, non-square maps of a GPSA)."""
+    import importlib
+    sol = importlib.import_module("solutions.03_gpsa_convit")
+    fn = sol.my_gated_mix if who == "solution" else m.my_gated_mix
+    torch.manual_seed(0)
+    for B, heads, N in [(2, 4, 16), (1, 9, 64), (3, 1, 9), (2, 5, 25)]:
+        content = torch.randn(B, heads, N, N).softmax(-1)
+        positional = torch.randn(heads, N, N).softmax(-1)
+        gate = torch.rand(heads)
+        try:
+            got = fn(content, positional, gate)
+        except NotImplementedError:
+            pytest.skip("my_gated_mix not written yet: fill in my_gated_mix in the Exercises "
+                        "section of 03_gpsa_convit.py")
+        assert got.shape == (B, heads, N, N)
+        assert torch.allclose(got, m.gated_mix(content, positional, gate), atol=1e-6)
+
+
+def test_solutions_without_data_assert_their_answers():
+    import importlib
+    sol = importlib.import_module("solutions.03_gpsa_convit")
+    assert sol.exercise_1() == 10
+    gpsa = sol.exercise_2()
+    assert gpsa[1.0] < gpsa[0.1]
+    assert sol.exercise_3().shape == (2, 4, 9, 9)
+
+
+@pytest.mark.parametrize("arm,value", [("frozen_gate", 0.5), ("positional", 1.0)])
+def test_frozen_gate_arms_keep_their_gates_through_training(tiny_data, arm, value):
+    """The ablation's frozen gates stay frozen while everything else trains (with the quick
+    preset's gate scale, a trainable gate would move in a few steps: the convit arm shows it)."""
+    m._DATA["tiny"] = tiny_data
+    args = _args("--sizes", "8", "--steps", "12", "--batch-size", "8")
+    r = m.run_job(args, "tiny", arm, 8, 0)
+    end = torch.tensor(r["locality"]["end"]["gates"])
+    assert torch.equal(end, torch.full((2, 4), value)), end
+    moved = torch.tensor(m.run_job(args, "tiny", "convit", 8, 0)["locality"]["end"]["gates"])
+    assert (moved - 0.7311).abs().max() > 0.01  # the same run with free gates moves them
+
+
+def test_small_training_subset_is_part_of_the_large():
+    """The same seed draws the sizes from one order: every image of the small set is in the
+    large set, per class, and another seed draws another subset."""
+    y = torch.arange(10).repeat_interleave(60)[torch.randperm(600)]
+    for seed in (0, 1):
+        small = set(m.nested_subset(y, 5, seed).tolist())
+        large = set(m.nested_subset(y, 50, seed).tolist())
+        assert len(small) == 50 and len(large) == 500 and small <= large
+        assert torch.equal(torch.bincount(y[sorted(small)]), torch.full((10,), 5))
+    assert set(m.nested_subset(y, 5, 0).tolist()) != set(m.nested_subset(y, 5, 1).tolist())
