@@ -614,13 +614,13 @@ def gates(model):
 # escape locality. The lab measures the same at the end of every run.
 
 # %%
-def demo_nonlocality_at_init(alpha=1.0, image_size=24, patch_size=3):
+def demo_nonlocality_at_init(alpha=1.0, image_size=24, patch_size=4):
     """Non-locality (eq. 8) per layer at init: ConViT (2 GPSA blocks, 2 MHSA) vs DeiT."""
     torch.manual_seed(0)
     x = torch.randn(8, 3, image_size, image_size)
     G = image_size // patch_size
-    kw = dict(img_size=image_size, patch_size=patch_size, embed_dim=36, depth=4,
-              num_heads=9, mlp_ratio=2.0, locality_strength=alpha)   # the quick preset's models
+    kw = dict(img_size=image_size, patch_size=patch_size, embed_dim=32, depth=4,
+              num_heads=4, mlp_ratio=2.0, locality_strength=alpha)   # the quick preset's models
     res = {}
     with torch.no_grad():
         for name, local in (("ConViT", 2), ("DeiT", 0)):
@@ -753,69 +753,111 @@ def my_gated_mix(content, positional, gate):
 # %%
 PRESETS = {  # every setting of both presets; the common flags' too
     # 2-core CPU, <= 8 min on 2 workers; how the regime was chosen: runs/03_gpsa_convit/RESULTS.md
-    "quick": dict(image_size=24, patch_size=3, embed_dim=36, num_heads=9, depth=4,
-                  local_up_to_layer=2, mlp_ratio=2.0, gate_scale=10.0, cnn_widths=(16, 32, 64),
-                  sizes=(50, 500), steps=400, batch_size=64, lr=2e-3, warmup_frac=0.05, seeds=4,
-                  ablation_seeds=4, workers=2, threads=1, experiments=["sample"]),
-    # ConViT-Ti (embed 192 = 4 heads x 48, 10 GPSA + 2 MHSA blocks) on 32 x 32 CIFAR-10, one GPU
-    # (not measured here): 1000 epochs of 500 images per class, 100 of 5000
+    # a 6 x 6 grid of 4 x 4 patches, 4 heads of width 8, 2 GPSA + 2 MHSA blocks
+    "quick": dict(image_size=24, patch_size=4, embed_dim=32, num_heads=4, depth=4,
+                  local_up_to_layer=2, mlp_ratio=2.0, gate_scale=10.0,
+                  cnn_widths=(16, 32, 64), sizes=(50, 500), steps=1000, batch_size=64,
+                  lr=2e-3, warmup_frac=0.05, seeds=4, ablation_seeds=4, workers=2,
+                  threads=1, experiments=["sample"]),
+    # ConViT-Ti (embed 192 = 4 heads x 48, 10 GPSA + 2 MHSA blocks) on 32 x 32 CIFAR-10, one
+    # GPU (not measured here): 1000 epochs of 500 images per class, 100 of 5000
     "full": dict(image_size=32, patch_size=4, embed_dim=192, num_heads=4, depth=12,
-                 local_up_to_layer=10, mlp_ratio=4.0, gate_scale=1.0, cnn_widths=(64, 128, 256),
-                 sizes=(500, 5000), steps=39000, batch_size=128, lr=1e-3, warmup_frac=0.02,
-                 seeds=3, ablation_seeds=3, workers=1, threads=None,
-                 experiments=["sample", "controls", "ablation"]),
+                 local_up_to_layer=10, mlp_ratio=4.0, gate_scale=1.0,
+                 cnn_widths=(64, 128, 256), sizes=(500, 5000), steps=39000,
+                 batch_size=128, lr=1e-3, warmup_frac=0.02, seeds=3, ablation_seeds=3,
+                 workers=1, threads=None, experiments=["sample", "controls", "ablation"]),
 }
 for _p in PRESETS.values():  # the same in both
-    _p.update(locality_strength=1.0, weight_decay=0.05, eval_split="test", train_per_class=None,
-              val_per_class=0, test_per_class=None)
+    _p.update(locality_strength=1.0, weight_decay=0.05, eval_split="test",
+              train_per_class=None, val_per_class=0, test_per_class=None)
 FLAGS = {
-    "embed_dim": "C, the token width", "depth": "L, the number of blocks",
+    "embed_dim": "C, the token width",
+    "depth": "L, the number of blocks",
     "num_heads": "h; a square number tiles a sqrt(h) x sqrt(h) grid of head centres",
-    "local_up_to_layer": ("GPSA blocks before the class token joins (0: DeiT)", utils.nonneg_int),
-    "patch_size": "P; the image size must be divisible by it", "mlp_ratio": "MLP width / C",
-    "locality_strength": "alpha of eq. 5", "cnn_widths": "channels of the control CNN's stages",
+    "local_up_to_layer": (
+        "GPSA blocks before the class token joins (0: DeiT)",
+        utils.nonneg_int,
+    ),
+    "patch_size": "P; the image size must be divisible by it",
+    "mlp_ratio": "MLP width / C",
+    "locality_strength": "alpha of eq. 5",
+    "cnn_widths": "channels of the control CNN's stages",
     "sizes": "training images per class of the sample experiment (the smallest: the other ones')",
     "steps": "optimiser steps of every run, whatever its size (Table 2: same images seen)",
-    "batch_size": "images per step", "lr": "AdamW peak learning rate (warmup, then cosine to 0)",
-    "weight_decay": ("AdamW weight decay (not on biases, norms, gates, the position embedding "
-                     "and class token; v_pos decays, as in the official code)",
-                     utils.nonneg_float),
-    "gate_scale": ("s in lambda_h = s theta_h: under Adam, the gates' learning rate times s "
-                   "(1: the paper)", utils.positive_float),
-    "warmup_frac": ("linear warmup, a fraction of each run's steps", utils.nonneg_float),
+    "batch_size": "images per step",
+    "lr": "AdamW peak learning rate (warmup, then cosine to 0)",
+    "weight_decay": (
+        "AdamW weight decay (not on biases, norms, gates, the position embedding "
+        "and class token; v_pos decays, as in the official code)",
+        utils.nonneg_float,
+    ),
+    "gate_scale": (
+        "s in lambda_h = s theta_h: under Adam, the gates' learning rate times s "
+        "(1: the paper)",
+        utils.positive_float,
+    ),
+    "warmup_frac": (
+        "linear warmup, a fraction of each run's steps",
+        utils.nonneg_float,
+    ),
     "seeds": "paired seeds (--seed, --seed+1, ...) of every experiment but the ablation",
     "ablation_seeds": "paired seeds of the ablation (the first of --seeds)",
-    "eval_split": ("score on the test set, or on --val-per-class images per class carved from the "
-                   "training split (how the quick regime was chosen)",
-                   {"choices": ("test", "val")}),
+    "eval_split": (
+        "score on the test set, or on --val-per-class images per class carved from the "
+        "training split (how the quick regime was chosen)",
+        {"choices": ("test", "val")},
+    ),
 }
 EXPERIMENTS = ("sample", "controls", "ablation")
 
 
 def check(args):
     """Settings that do not fit together -> one line (utils.cli prints it and exits 2)."""
-    if "ablation_seeds" in args.preset_keys:        # the preset's count follows a smaller --seeds
+    # the preset's count follows a smaller --seeds
+    if "ablation_seeds" in args.preset_keys:
         args.ablation_seeds = min(args.ablation_seeds, args.seeds)
     for bad, msg in [
-            (args.image_size % args.patch_size, f"--image-size {args.image_size} is not divisible "
-                                                f"by --patch-size {args.patch_size}"),
-            (args.embed_dim % args.num_heads, f"--embed-dim {args.embed_dim} is not divisible by "
-                                              f"--num-heads {args.num_heads}"),
-            (args.local_up_to_layer >= args.depth, f"--local-up-to-layer must be < --depth "
-                                                   f"{args.depth}: the class token needs a block"),
-            (args.warmup_frac >= 1, f"--warmup-frac must be < 1, got {args.warmup_frac}"),
-            (args.eval_split == "val" and not args.val_per_class,
-             "--eval-split val needs a validation set: add e.g. --val-per-class 500"),
-            (args.ablation_seeds > args.seeds, f"--ablation-seeds {args.ablation_seeds} is more "
-                                               f"than --seeds {args.seeds}: they are its first")]:
+        (
+            args.image_size % args.patch_size,
+            f"--image-size {args.image_size} is not divisible "
+            f"by --patch-size {args.patch_size}",
+        ),
+        (
+            args.embed_dim % args.num_heads,
+            f"--embed-dim {args.embed_dim} is not divisible by "
+            f"--num-heads {args.num_heads}",
+        ),
+        (
+            args.local_up_to_layer >= args.depth,
+            f"--local-up-to-layer must be < --depth "
+            f"{args.depth}: the class token needs a block",
+        ),
+        (args.warmup_frac >= 1, f"--warmup-frac must be < 1, got {args.warmup_frac}"),
+        (
+            args.eval_split == "val" and not args.val_per_class,
+            "--eval-split val needs a validation set: add e.g. --val-per-class 500",
+        ),
+        (
+            args.ablation_seeds > args.seeds,
+            f"--ablation-seeds {args.ablation_seeds} is more "
+            f"than --seeds {args.seeds}: they are its first",
+        ),
+    ]:
         if bad:
             raise utils.InputError(msg)
     args.sizes = tuple(sorted(set(args.sizes)))
 
 
 def cli_args(argv=None):
-    return utils.cli(__doc__, PRESETS, FLAGS, argv, experiments=EXPERIMENTS, check=check,
-                     bench="train-step speed of GPSA's fast path and of the reference form")
+    return utils.cli(
+        __doc__,
+        PRESETS,
+        FLAGS,
+        argv,
+        experiments=EXPERIMENTS,
+        check=check,
+        bench="train-step speed of GPSA's fast path and of the reference form",
+    )
 
 
 def fit_sizes(args, data):
@@ -825,17 +867,23 @@ def fit_sizes(args, data):
     if max(old) <= smallest:
         return
     if "sizes" not in args.preset_keys:
-        raise utils.InputError(f"--sizes {max(old)} is more than the {smallest} training images "
-                               f"of the smallest class; use at most {smallest}")
+        raise utils.InputError(
+            f"--sizes {max(old)} is more than the {smallest} training images "
+            f"of the smallest class; use at most {smallest}"
+        )
     args.sizes = tuple(sorted({max(1, round(n * smallest / max(old))) for n in old}))
-    print(f"note: this dataset is smaller than the preset (smallest class: {smallest} training "
-          f"images), so --sizes {','.join(map(str, old))} -> {','.join(map(str, args.sizes))} "
-          f"(same ratio; every run keeps its {args.steps} steps)", flush=True)
+    print(
+        f"note: this dataset is smaller than the preset (smallest class: {smallest} training "
+        f"images), so --sizes {','.join(map(str, old))} -> {','.join(map(str, args.sizes))} "
+        f"(same ratio; every run keeps its {args.steps} steps)",
+        flush=True,
+    )
 
 
 # %% [markdown]
 # ### The arms, paired: one seed = one data subset, one batch order, one augmentation, and
 # DeiT's initial value for every weight an arm shares with DeiT. The arms differ only by design.
+
 
 # %%
 def small_cnn(widths, num_classes):
@@ -843,24 +891,45 @@ def small_cnn(widths, num_classes):
     with 2x2 max-pooling between them, global average pooling, a linear head."""
     layers, c = [], 3
     for i, w in enumerate(widths):
-        layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU()]
+        layers += [
+            nn.Conv2d(c, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.GELU(),
+        ]
         layers += [nn.MaxPool2d(2)] * (i < len(widths) - 1)
         c = w
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    return nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)
+    )
 
 
-ARMS = {"deit": "DeiT", "convit": "ConViT", "cnn": "small CNN", "linear": "linear on pixels",
-        "positional": "ConViT, gates frozen at 1 (positional)",
-        "frozen_gate": "ConViT, gates frozen at lambda=0", "no_conv_init": "ConViT, no conv init",
-        "frozen_gate_no_conv_init": "ConViT, frozen gates + no conv init"}
+ARMS = {
+    "deit": "DeiT",
+    "convit": "ConViT",
+    "cnn": "small CNN",
+    "linear": "linear on pixels",
+    "positional": "ConViT, gates frozen at 1 (positional)",
+    "frozen_gate": "ConViT, gates frozen at lambda=0",
+    "no_conv_init": "ConViT, no conv init",
+    "frozen_gate_no_conv_init": "ConViT, frozen gates + no conv init",
+}
 
 
 def build_model(args, num_classes, *, convit=True, use_local_init=True, fast=True):
-    return ConViT(img_size=args.image_size, patch_size=args.patch_size, num_classes=num_classes,
-                  embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
-                  mlp_ratio=args.mlp_ratio, local_up_to_layer=args.local_up_to_layer * convit,
-                  locality_strength=args.locality_strength, use_local_init=use_local_init,
-                  fast=fast, gate_scale=args.gate_scale)
+    return ConViT(
+        img_size=args.image_size,
+        patch_size=args.patch_size,
+        num_classes=num_classes,
+        embed_dim=args.embed_dim,
+        depth=args.depth,
+        num_heads=args.num_heads,
+        mlp_ratio=args.mlp_ratio,
+        local_up_to_layer=args.local_up_to_layer * convit,
+        locality_strength=args.locality_strength,
+        use_local_init=use_local_init,
+        fast=fast,
+        gate_scale=args.gate_scale,
+    )
 
 
 @torch.no_grad()
@@ -871,20 +940,28 @@ def pair_init(deit, model, *, copy_values=False):
     for bd, bm in zip(deit.blocks, model.blocks):
         if bm.use_gpsa:
             C = bm.attn.dim
-            bm.attn.qk.weight.copy_(bd.attn.qkv.weight[:2 * C])   # rows: [queries; keys; values]
+            bm.attn.qk.weight.copy_(
+                bd.attn.qkv.weight[: 2 * C]
+            )  # rows: [queries; keys; values]
             if copy_values:
-                bm.attn.v.weight.copy_(bd.attn.qkv.weight[2 * C:])
+                bm.attn.v.weight.copy_(bd.attn.qkv.weight[2 * C :])
             n += 1 + copy_values
     return n
 
 
 def build_arm(args, arm, num_classes, seed):
     """The model of one arm, seeded: the same seed gives every arm the same shared weights."""
-    assert arm in ARMS, f"unknown arm {arm!r}: one of {list(ARMS)}"
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}: one of {list(ARMS)}")
     torch.manual_seed(seed)
     if arm in ("cnn", "linear"):
-        return (small_cnn(args.cnn_widths, num_classes) if arm == "cnn"
-                else nn.Sequential(nn.Flatten(), nn.Linear(3 * args.image_size ** 2, num_classes)))
+        return (
+            small_cnn(args.cnn_widths, num_classes)
+            if arm == "cnn"
+            else nn.Sequential(
+                nn.Flatten(), nn.Linear(3 * args.image_size**2, num_classes)
+            )
+        )
     deit = build_model(args, num_classes, convit=False)
     if arm == "deit":
         return deit
@@ -893,7 +970,7 @@ def build_arm(args, arm, num_classes, seed):
     if arm == "positional" or "frozen_gate" in arm:
         # lambda_h fixed: +inf = sigma 1, purely positional; 0 = the paper's "no gating" (sigma
         # 0.5, its footnote 4)
-        for blk in model.blocks[:args.local_up_to_layer]:
+        for blk in model.blocks[: args.local_up_to_layer]:
             blk.attn.gating_param.data.fill_(math.inf if arm == "positional" else 0.0)
             blk.attn.gating_param.requires_grad_(False)
     return model
@@ -903,8 +980,10 @@ def full_preset_models(num_classes=10):
     """Every model the full preset trains, at its real size: name -> (model, step_fn, image
     size). tests/test_utils.py takes one bf16 step of each, so a GPU run is known to start."""
     args = cli_args([])
-    return {ARMS[a]: (build_arm(args, a, num_classes, seed=0), None, args.image_size)
-            for a in ("deit", "convit", "positional", "cnn", "linear")}
+    return {
+        ARMS[a]: (build_arm(args, a, num_classes, seed=0), None, args.image_size)
+        for a in ("deit", "convit", "positional", "cnn", "linear")
+    }
 
 
 # %% [markdown]
@@ -921,7 +1000,9 @@ def share_data(data, workers):
     fd, ref = tempfile.mkstemp(prefix="gpsa_convit_data_", suffix=".pt")
     os.close(fd)
     if workers > 1:
-        torch.save({f.name: getattr(data, f.name) for f in dataclasses.fields(data)}, ref)
+        torch.save(
+            {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}, ref
+        )
     _DATA[ref] = data
     return ref
 
@@ -936,7 +1017,11 @@ def nested_subset(y, n, seed):
 
 
 def eval_split(args, data):
-    return (data.x_val, data.y_val) if args.eval_split == "val" else (data.x_test, data.y_test)
+    return (
+        (data.x_val, data.y_val)
+        if args.eval_split == "val"
+        else (data.x_test, data.y_test)
+    )
 
 
 @torch.no_grad()
@@ -945,67 +1030,128 @@ def locality(model, probe):
     model.eval()
     _, maps = model(probe, return_attention=True)
     model.train()
-    return {"nonlocality": [nonlocality(a, model.grid_size).mean().item() for a in maps],
-            "gates": gates(model).tolist()}                     # (GPSA blocks, h)
+    return {
+        "nonlocality": [nonlocality(a, model.grid_size).mean().item() for a in maps],
+        "gates": gates(model).tolist(),
+    }  # (GPSA blocks, h)
 
 
 def run_job(args, ref, arm, n, seed):
     """One run: `arm` on n images per class drawn with `seed`, the batches of `seed`, about
     --steps steps, scored on the whole evaluation split. -> dict of numbers"""
     t0 = time.time()
-    if ref not in _DATA:                                        # a worker: read main's copy
+    if ref not in _DATA:  # a worker: read main's copy
         _DATA[ref] = utils.Data(**torch.load(ref))
     data, device = _DATA[ref], utils.get_device(args.device)
     idx = nested_subset(data.y_train, n, seed)
     kw = dict(device=device, mean=data.mean, std=data.std)
-    loader = utils.DeviceLoader(data.x_train[idx], data.y_train[idx], batch_size=args.batch_size,
-                                train=True, seed=seed, **kw)
+    loader = utils.DeviceLoader(
+        data.x_train[idx],
+        data.y_train[idx],
+        batch_size=args.batch_size,
+        train=True,
+        seed=seed,
+        **kw,
+    )
     epochs = max(1, round(args.steps / len(loader)))
     model = build_arm(args, arm, data.num_classes, seed).to(device)
     x_ev, y_ev = eval_split(args, data)
     evl = utils.DeviceLoader(x_ev, y_ev, batch_size=500, train=False, **kw)
-    spread = torch.linspace(0, len(y_ev) - 1, min(128, len(y_ev))).long()  # every class, in order
-    probe = utils.DeviceLoader(x_ev[spread], y_ev[spread], batch_size=128, train=False, **kw)
+    spread = torch.linspace(
+        0, len(y_ev) - 1, min(128, len(y_ev))
+    ).long()  # every class, in order
+    probe = utils.DeviceLoader(
+        x_ev[spread], y_ev[spread], batch_size=128, train=False, **kw
+    )
     is_vit, probe = isinstance(model, ConViT), next(iter(probe))[0]
     start = locality(model, probe) if is_vit else None
-    hist = utils.train(model, loader, epochs=epochs, lr=args.lr, weight_decay=args.weight_decay,
-                       warmup_epochs=args.warmup_frac * epochs, label_smoothing=0.1,
-                       grad_clip=1.0, log=lambda line: None)
+    hist = utils.train(
+        model,
+        loader,
+        epochs=epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_frac * epochs,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        log=lambda line: None,
+    )
     score = utils.evaluate(model, evl)
     # the training images themselves, un-augmented: what the model has fitted
-    seen = utils.DeviceLoader(data.x_train[idx], data.y_train[idx], batch_size=500, train=False,
-                              **kw)
+    seen = utils.DeviceLoader(
+        data.x_train[idx], data.y_train[idx], batch_size=500, train=False, **kw
+    )
     fitted = utils.evaluate(model, seen)
-    res = {"arm": arm, "n": n, "seed": seed, "acc": score.acc, "nll": score.nll,
-           "train_acc": fitted.acc, "gap": fitted.acc - score.acc,
-           "train_acc_augmented": hist[-1]["train_acc"], "images": len(idx), "epochs": epochs,
-           "steps": epochs * len(loader), "params": utils.count_params(model),
-           "locality": {"start": start, "end": locality(model, probe)} if is_vit else None,
-           "seconds": round(time.time() - t0, 1)}
-    print(f"  [{ARMS[arm]}, {n}/class, seed {seed}] {args.eval_split} {score.acc:.1f}% nll "
-          f"{score.nll:.3f} | train {res['train_acc']:.1f}% | {res['steps']} steps, "
-          f"{res['seconds']:.0f}s", flush=True)
+    res = {
+        "arm": arm,
+        "n": n,
+        "seed": seed,
+        "acc": score.acc,
+        "nll": score.nll,
+        "train_acc": fitted.acc,
+        "gap": fitted.acc - score.acc,
+        "train_acc_augmented": hist[-1]["train_acc"],
+        "images": len(idx),
+        "epochs": epochs,
+        "steps": epochs * len(loader),
+        "params": utils.count_params(model),
+        "locality": {"start": start, "end": locality(model, probe)} if is_vit else None,
+        "seconds": round(time.time() - t0, 1),
+    }
+    print(
+        f"  [{ARMS[arm]}, {n}/class, seed {seed}] {args.eval_split} {score.acc:.1f}% nll "
+        f"{score.nll:.3f} | train {res['train_acc']:.1f}% | {res['steps']} steps, "
+        f"{res['seconds']:.0f}s",
+        flush=True,
+    )
     return res
 
 
 def train_runs(args, ref, keys):
     """Every run (arm, n, seed) in `keys` once, on --workers processes. -> {key: result}"""
-    todo = sorted(dict.fromkeys(keys), key=lambda k: k[0] in ("cnn", "linear"))  # stable
-    print(f"  training {len(todo)} runs on {min(args.workers, len(todo))} worker(s) ...",
-          flush=True)
-    return dict(zip(todo, utils.run_jobs(run_job, [(args, ref, *k) for k in todo],
-                                         workers=args.workers)))
+    todo = sorted(
+        dict.fromkeys(keys), key=lambda k: k[0] in ("cnn", "linear")
+    )  # stable
+    print(
+        f"  training {len(todo)} runs on {min(args.workers, len(todo))} worker(s) ...",
+        flush=True,
+    )
+    return dict(
+        zip(
+            todo,
+            utils.run_jobs(
+                run_job, [(args, ref, *k) for k in todo], workers=args.workers
+            ),
+        )
+    )
 
 
 # The experiments, one per claim: each reads its runs, prints its table and verdicts, returns JSON.
 NEEDS = {  # experiment -> the runs (arm, images per class, seed) it reads
-    "sample": lambda a: [(arm, n, s) for n in a.sizes for s in seeds(a)
-                         for arm in ("deit", "convit", "linear")],
-    "controls": lambda a: [(arm, n, s) for n in a.sizes for s in seeds(a)
-                           for arm in ("deit", "linear") + ("cnn",) * (n == min(a.sizes))],
-    "ablation": lambda a: [(arm, min(a.sizes), s) for s in seeds(a, a.ablation_seeds)
-                           for arm in ("convit", "positional", "frozen_gate", "no_conv_init",
-                                       "frozen_gate_no_conv_init", "deit")],
+    "sample": lambda a: [
+        (arm, n, s)
+        for n in a.sizes
+        for s in seeds(a)
+        for arm in ("deit", "convit", "linear")
+    ],
+    "controls": lambda a: [
+        (arm, n, s)
+        for n in a.sizes
+        for s in seeds(a)
+        for arm in ("deit", "linear") + ("cnn",) * (n == min(a.sizes))
+    ],
+    "ablation": lambda a: [
+        (arm, min(a.sizes), s)
+        for s in seeds(a, a.ablation_seeds)
+        for arm in (
+            "convit",
+            "positional",
+            "frozen_gate",
+            "no_conv_init",
+            "frozen_gate_no_conv_init",
+            "deit",
+        )
+    ],
 }
 
 
@@ -1028,17 +1174,32 @@ def per_seed(rs):
 def verdicts(a, b, name_a, name_b):
     """The paired verdicts of arm A against arm B over the same seeds: accuracy and NLL."""
     kw = dict(name_a=name_a, name_b=name_b)
-    return {"acc": utils.compare_paired([r["acc"] for r in a], [r["acc"] for r in b], **kw,
-                                        log=lambda s: print("    accuracy: " + s, flush=True)),
-            "nll": utils.compare_paired([r["nll"] for r in a], [r["nll"] for r in b], **kw,
-                                        unit="nats", digits=3, higher_is_better=False, bound=0.02,
-                                        log=lambda s: print("    NLL:      " + s, flush=True))}
+    return {
+        "acc": utils.compare_paired(
+            [r["acc"] for r in a],
+            [r["acc"] for r in b],
+            **kw,
+            log=lambda s: print("    accuracy: " + s, flush=True),
+        ),
+        "nll": utils.compare_paired(
+            [r["nll"] for r in a],
+            [r["nll"] for r in b],
+            **kw,
+            unit="nats",
+            digits=3,
+            higher_is_better=False,
+            bound=0.02,
+            log=lambda s: print("    NLL:      " + s, flush=True),
+        ),
+    }
 
 
 def print_table(header, rows):
     w = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     for r in [header] + rows:
-        print("  " + " | ".join(str(c).rjust(w[i]) for i, c in enumerate(r)), flush=True)
+        print(
+            "  " + " | ".join(str(c).rjust(w[i]) for i, c in enumerate(r)), flush=True
+        )
 
 
 def save_figure(fig, out, name):
@@ -1047,25 +1208,26 @@ def save_figure(fig, out, name):
 
 
 def entry_checks(args, runs):
-    """The regime's preconditions, printed before any verdict: DeiT overfits the small set (the
-    claim is about data as the limit), and DeiT beats a linear classifier on pixels at every
-    size (it learned features). -> {name: met}"""
-    n, held = min(args.sizes), "held-out" if args.eval_split == "test" else "validation"
+    """The regime's preconditions, printed before any verdict: DeiT overfits the small set
+    (data is the limit there), and DeiT beats a linear classifier on pixels at the large
+    set (with enough data, it learns features). -> {name: met}"""
+    n = min(args.sizes)
+    big = max(args.sizes)
+    held = "held-out" if args.eval_split == "test" else "validation"
     deit = get(runs, "deit", n, args)
     gap = sum(r["gap"] for r in deit) / len(deit)
     met = {f"gap@{n}": gap >= 15}
     print(f"entry check: sample efficiency: DeiT train \u2212 {held} accuracy at {n}/class = "
           f"{gap:.1f} points (needs \u2265 15) \u2192 {'met' if gap >= 15 else 'not met'}",
           flush=True)
-    for m in args.sizes:
-        v = utils.compare_paired([r["acc"] for r in get(runs, "deit", m, args)],
-                                 [r["acc"] for r in get(runs, "linear", m, args)],
-                                 name_a="DeiT", name_b="linear on pixels", log=None)
-        met[f"deit>linear@{m}"] = v["ci"][0] > 0
-        print(f"entry check: sample efficiency: DeiT \u2212 linear on pixels at {m}/class = "
-              f"{_signed(v['diff'])} points, 95% CI [{_signed(v['ci'][0])}, "
-              f"{_signed(v['ci'][1])}] (needs CI above 0) \u2192 "
-              f"{'met' if met[f'deit>linear@{m}'] else 'not met'}", flush=True)
+    v = utils.compare_paired([r["acc"] for r in get(runs, "deit", big, args)],
+                             [r["acc"] for r in get(runs, "linear", big, args)],
+                             name_a="DeiT", name_b="linear on pixels", log=None)
+    met[f"deit>linear@{big}"] = v["ci"][0] > 0
+    print(f"entry check: sample efficiency: DeiT \u2212 linear on pixels at {big}/class = "
+          f"{_signed(v['diff'])} points, 95% CI [{_signed(v['ci'][0])}, "
+          f"{_signed(v['ci'][1])}] (needs CI above 0) \u2192 "
+          f"{'met' if met[f'deit>linear@{big}'] else 'not met'}", flush=True)
     return met
 
 
@@ -1076,65 +1238,144 @@ def _signed(v):
 def gate_report(args, runs, n):
     """The gates sigma(lambda_h) after training at n images per class, mean over seeds, per
     GPSA block and head; a head has left position when its gate is below 0.5. -> (L', h)"""
-    g = torch.tensor([r["locality"]["end"]["gates"] for r in get(runs, "convit", n, args)])
-    mean = g.mean(0)                                                       # (L', h)
+    g = torch.tensor(
+        [r["locality"]["end"]["gates"] for r in get(runs, "convit", n, args)]
+    )
+    mean = g.mean(0)  # (L', h)
     for i, row in enumerate(mean.tolist()):
         content = [h + 1 for h, v in enumerate(row) if v < 0.5]
-        print(f"  gates after training, {n}/class, GPSA block {i + 1} (start 0.73): "
-              + " ".join(f"{v:.2f}" for v in row)
-              + f" | heads mostly content (< 0.5): {content or 'none'}", flush=True)
+        print(
+            f"  gates after training, {n}/class, GPSA block {i + 1} (start 0.73): "
+            + " ".join(f"{v:.2f}" for v in row)
+            + f" | heads mostly content (< 0.5): {content or 'none'}",
+            flush=True,
+        )
     return g
 
 
 def exp_sample(args, runs, out):
     """Paper Table 2: ConViT vs DeiT at each training-set size, the same steps, paired seeds;
     each arm's train - held-out gap; the change of the gain; the gates after training."""
-    print(f"\n== sample efficiency (paper Table 2): ConViT vs DeiT at {args.sizes} images per "
-          f"class, {args.seeds} paired seeds, scored on {args.eval_split} ==", flush=True)
+    print(
+        f"\n== sample efficiency (paper Table 2): ConViT vs DeiT at {args.sizes} images per "
+        f"class, {args.seeds} paired seeds, scored on {args.eval_split} ==",
+        flush=True,
+    )
     res = {"entry": entry_checks(args, runs), "sizes": []}
     rows = []
     for n in args.sizes:
         d = get(runs, "deit", n, args)
         c = get(runs, "convit", n, args)
         lin = get(runs, "linear", n, args)
-        print(f"  {n} images per class ({d[0]['images']} images, {d[0]['epochs']} epochs, "
-              f"{d[0]['steps']} steps): ConViT vs DeiT")
-        size = {"n": n, "images": d[0]["images"], "epochs": d[0]["epochs"],
-                "steps": d[0]["steps"], "deit": per_seed(d), "convit": per_seed(c),
-                "linear": per_seed(lin), "verdict": verdicts(c, d, "ConViT", "DeiT")}
+        print(
+            f"  {n} images per class ({d[0]['images']} images, {d[0]['epochs']} epochs, "
+            f"{d[0]['steps']} steps): ConViT vs DeiT"
+        )
+        size = {
+            "n": n,
+            "images": d[0]["images"],
+            "epochs": d[0]["epochs"],
+            "steps": d[0]["steps"],
+            "deit": per_seed(d),
+            "convit": per_seed(c),
+            "linear": per_seed(lin),
+            "verdict": verdicts(c, d, "ConViT", "DeiT"),
+        }
         print("    gap:      ", end="")
         size["gap_verdict"] = utils.compare_paired(
-            [r["gap"] for r in c], [r["gap"] for r in d], name_a="ConViT's gap",
-            name_b="DeiT's gap", higher_is_better=False, log=print)
+            [r["gap"] for r in c],
+            [r["gap"] for r in d],
+            name_a="ConViT's gap",
+            name_b="DeiT's gap",
+            higher_is_better=False,
+            log=print,
+        )
+        print("    DeiT vs pixels: ", end="")
+        size["deit_linear"] = utils.compare_paired(
+            [r["acc"] for r in d], [r["acc"] for r in lin], name_a="DeiT",
+            name_b="linear on pixels", log=print)
         res["sizes"].append(size)
-        rows.append([n, d[0]["epochs"], d[0]["steps"], ci(lin, "acc"), ci(d, "acc"),
-                     ci(c, "acc"), ci(d, "nll", 3), ci(c, "nll", 3), ci(d, "train_acc"),
-                     ci(c, "train_acc"), ci(d, "gap"), ci(c, "gap")])
-    print_table(["img/class", "epochs", "steps", "linear %", "DeiT %", "ConViT %", "DeiT NLL",
-                 "ConViT NLL", "DeiT train %", "ConViT train %", "DeiT gap", "ConViT gap"],
-                rows)
+        rows.append(
+            [
+                n,
+                d[0]["epochs"],
+                d[0]["steps"],
+                ci(lin, "acc"),
+                ci(d, "acc"),
+                ci(c, "acc"),
+                ci(d, "nll", 3),
+                ci(c, "nll", 3),
+                ci(d, "train_acc"),
+                ci(c, "train_acc"),
+                ci(d, "gap"),
+                ci(c, "gap"),
+            ]
+        )
+    print_table(
+        [
+            "img/class",
+            "epochs",
+            "steps",
+            "linear %",
+            "DeiT %",
+            "ConViT %",
+            "DeiT NLL",
+            "ConViT NLL",
+            "DeiT train %",
+            "ConViT train %",
+            "DeiT gap",
+            "ConViT gap",
+        ],
+        rows,
+    )
     if len(args.sizes) > 1:  # does the gain shrink as the data grow (paper Table 2)?
         lo, hi = res["sizes"][0], res["sizes"][-1]
-        print(f"  the change of the gain from {lo['n']} to {hi['n']} images per class (same "
-              f"seeds: paired):")
+        print(
+            f"  the change of the gain from {lo['n']} to {hi['n']} images per class (same "
+            f"seeds: paired):"
+        )
         res["gain_change"] = {}
-        for key, unit, digits, better in (("acc", "points", 1, True), ("nll", "nats", 3, False)):
+        for key, unit, digits, better in (
+            ("acc", "points", 1, True),
+            ("nll", "nats", 3, False),
+        ):
             gain = [s["verdict"][key]["per_pair"] for s in (lo, hi)]
             res["gain_change"][key] = utils.compare_paired(
-                *gain, name_a=f"gain at {lo['n']}/class", name_b=f"gain at {hi['n']}/class",
-                unit=unit, digits=digits, higher_is_better=better,
+                *gain,
+                name_a=f"gain at {lo['n']}/class",
+                name_b=f"gain at {hi['n']}/class",
+                unit=unit,
+                digits=digits,
+                higher_is_better=better,
                 bound=1.0 if key == "acc" else 0.02,
-                log=lambda line: print(f"    {'accuracy' if key == 'acc' else 'NLL':9s} " + line,
-                                       flush=True))
+                log=lambda line: print(
+                    f"    {'accuracy' if key == 'acc' else 'NLL':9s} " + line,
+                    flush=True,
+                ),
+            )
     res["locality"] = {}
-    for n in args.sizes:  # where the attention looks (eq. 8, Fig. 5) and the gates (Fig. 6)
-        res["locality"][n] = {a: [x["locality"] for x in get(runs, a, n, args)]
-                              for a in ("deit", "convit")}
-        nl = {a: torch.tensor([[x[w]["nonlocality"] for w in ("start", "end")] for x in v]).mean(0)
-              for a, v in res["locality"][n].items()}                       # (2, L)
-        print(f"  non-locality per layer (patches), start -> end, {n}/class: "
-              + "; ".join(f"{ARMS[a]} " + ", ".join(f"{s:.2f} -> {e:.2f}" for s, e in v.T.tolist())
-                          for a, v in nl.items()), flush=True)
+    for (
+        n
+    ) in args.sizes:  # where the attention looks (eq. 8, Fig. 5) and the gates (Fig. 6)
+        res["locality"][n] = {
+            a: [x["locality"] for x in get(runs, a, n, args)]
+            for a in ("deit", "convit")
+        }
+        nl = {
+            a: torch.tensor(
+                [[x[w]["nonlocality"] for w in ("start", "end")] for x in v]
+            ).mean(0)
+            for a, v in res["locality"][n].items()
+        }  # (2, L)
+        print(
+            f"  non-locality per layer (patches), start -> end, {n}/class: "
+            + "; ".join(
+                f"{ARMS[a]} "
+                + ", ".join(f"{s:.2f} -> {e:.2f}" for s, e in v.T.tolist())
+                for a, v in nl.items()
+            ),
+            flush=True,
+        )
         gate_report(args, runs, n)
     sample_figure(args, res, out)
     return res
@@ -1150,15 +1391,30 @@ def sample_figure(args, res, out):
         a.errorbar(args.sizes, means, yerr=yerr, capsize=4, **kw)
 
     for kind in ("linear", "deit", "convit"):
-        bars(ax, [utils.mean_ci([r["acc"] for r in s[kind]]) for s in res["sizes"]], fmt="o-",
-             label=ARMS[kind])
-    bars(bx, [(s["verdict"]["acc"]["diff"], *s["verdict"]["acc"]["ci"]) for s in res["sizes"]],
-         fmt="o", color="tab:green")
+        bars(
+            ax,
+            [utils.mean_ci([r["acc"] for r in s[kind]]) for s in res["sizes"]],
+            fmt="o-",
+            label=ARMS[kind],
+        )
+    bars(
+        bx,
+        [
+            (s["verdict"]["acc"]["diff"], *s["verdict"]["acc"]["ci"])
+            for s in res["sizes"]
+        ],
+        fmt="o",
+        color="tab:green",
+    )
     bx.axhline(0, color="grey", lw=0.8)
-    ax.set(ylabel=f"{args.eval_split} accuracy % (mean, 95% CI)", title="Sample efficiency")
+    ax.set(
+        ylabel=f"{args.eval_split} accuracy % (mean, 95% CI)", title="Sample efficiency"
+    )
     bx.set(ylabel="ConViT - DeiT, points", title=f"paired gain, 95% CI, n={args.seeds}")
     for a in (ax, bx):
-        a.set(xscale="log", xlabel=f"training images per class ({args.steps} steps each)")
+        a.set(
+            xscale="log", xlabel=f"training images per class ({args.steps} steps each)"
+        )
         a.set_xticks(args.sizes, [str(n) for n in args.sizes])
         a.minorticks_off()
     ax.legend()
@@ -1169,20 +1425,48 @@ def exp_controls(args, runs, out):
     """Does DeiT learn here (it must beat a linear classifier on pixels), and what is a
     hard-wired locality prior worth at this budget (a small CNN)?"""
     n = min(args.sizes)
-    print(f"\n== controls: linear classifier on pixels, small CNN, {args.seeds} paired seeds ==",
-          flush=True)
-    r = {(a, m): get(runs, a, m, args) for a, m, _ in dict.fromkeys(
-        (a, m, 0) for a, m, _ in NEEDS["controls"](args))}
-    print_table(["model", "img/class", "params", f"{args.eval_split} % [95% CI]", "NLL",
-                 "train %"], [[ARMS[a], m, rs[0]["params"], ci(rs, "acc"), ci(rs, "nll", 3),
-                               ci(rs, "train_acc")] for (a, m), rs in r.items()])
-    res = {"arms": {f"{a}@{m}": per_seed(rs) for (a, m), rs in r.items()}, "verdicts": {}}
+    print(
+        f"\n== controls: linear classifier on pixels, small CNN, {args.seeds} paired seeds ==",
+        flush=True,
+    )
+    r = {
+        (a, m): get(runs, a, m, args)
+        for a, m, _ in dict.fromkeys((a, m, 0) for a, m, _ in NEEDS["controls"](args))
+    }
+    print_table(
+        [
+            "model",
+            "img/class",
+            "params",
+            f"{args.eval_split} % [95% CI]",
+            "NLL",
+            "train %",
+        ],
+        [
+            [
+                ARMS[a],
+                m,
+                rs[0]["params"],
+                ci(rs, "acc"),
+                ci(rs, "nll", 3),
+                ci(rs, "train_acc"),
+            ]
+            for (a, m), rs in r.items()
+        ],
+    )
+    res = {
+        "arms": {f"{a}@{m}": per_seed(rs) for (a, m), rs in r.items()},
+        "verdicts": {},
+    }
     for m in args.sizes:
         print(f"  DeiT vs linear on pixels at {m}/class (does DeiT learn?):")
-        res["verdicts"][f"deit-linear@{m}"] = verdicts(r["deit", m], r["linear", m], "DeiT",
-                                                       "linear on pixels")
+        res["verdicts"][f"deit-linear@{m}"] = verdicts(
+            r["deit", m], r["linear", m], "DeiT", "linear on pixels"
+        )
     print(f"  small CNN vs DeiT at {n}/class:")
-    res["verdicts"][f"cnn-deit@{n}"] = verdicts(r["cnn", n], r["deit", n], "small CNN", "DeiT")
+    res["verdicts"][f"cnn-deit@{n}"] = verdicts(
+        r["cnn", n], r["deit", n], "small CNN", "DeiT"
+    )
     return res
 
 
@@ -1190,15 +1474,32 @@ def exp_ablation(args, runs, out):
     """Paper Table 3 at the small size: which of the gates and the conv init carries the gain?
     Also the gates frozen at 1 (purely positional)."""
     n, k = min(args.sizes), args.ablation_seeds
-    print(f"\n== ablation (paper Table 3) at {n} images per class, {k} paired seeds ==",
-          flush=True)
+    print(
+        f"\n== ablation (paper Table 3) at {n} images per class, {k} paired seeds ==",
+        flush=True,
+    )
     arms = [a for a, _, s in NEEDS["ablation"](args) if s == args.seed]
     r = {a: get(runs, a, n, args, k) for a in arms}
-    diff = lambda a, b: utils.fmt_ci(utils.mean_ci(  # noqa: E731
-        [x["acc"] - y["acc"] for x, y in zip(r[a], r[b])]), 1) if a != b else ""
-    print_table(["variant", f"{args.eval_split} % [95% CI]", "NLL", "- DeiT", "- ConViT"],
-                [[ARMS[a], ci(r[a], "acc"), ci(r[a], "nll", 3), diff(a, "deit"),
-                  diff(a, "convit")] for a in arms])
+
+    def diff(a, b):  # paired accuracy difference of two arms, as "mean [95% CI]"
+        if a == b:
+            return ""
+        d = [x["acc"] - y["acc"] for x, y in zip(r[a], r[b])]
+        return utils.fmt_ci(utils.mean_ci(d), 1)
+
+    print_table(
+        ["variant", f"{args.eval_split} % [95% CI]", "NLL", "- DeiT", "- ConViT"],
+        [
+            [
+                ARMS[a],
+                ci(r[a], "acc"),
+                ci(r[a], "nll", 3),
+                diff(a, "deit"),
+                diff(a, "convit"),
+            ]
+            for a in arms
+        ],
+    )
     res = {"n": n, "variants": {a: per_seed(r[a]) for a in arms}, "verdicts": {}}
     for a, b in [(a, "convit") for a in arms[1:-1]] + [(a, "deit") for a in arms[:-1]]:
         print(f"  {ARMS[a]} vs {ARMS[b]}:")
@@ -1206,11 +1507,16 @@ def exp_ablation(args, runs, out):
     return res
 
 
-EXPERIMENT_FNS = {"sample": exp_sample, "controls": exp_controls, "ablation": exp_ablation}
+EXPERIMENT_FNS = {
+    "sample": exp_sample,
+    "controls": exp_controls,
+    "ablation": exp_ablation,
+}
 
 
 # %% [markdown]
 # ### Bench: the optional fast path against the reference form
+
 
 # %%
 def bench(args, device, out):
@@ -1222,18 +1528,30 @@ def bench(args, device, out):
         for form in ("reference", "fast"):
             torch.manual_seed(0)
             res[f"{size}, {form}"] = utils.measure_step(
-                build_model(ns, 10, fast=form == "fast").to(device), (3, ns.image_size,
-                                                                     ns.image_size),
-                batch_size=128, device=device, steps=3, warmup=1)[0]
+                build_model(ns, 10, fast=form == "fast").to(device),
+                (3, ns.image_size, ns.image_size),
+                batch_size=128,
+                device=device,
+                steps=3,
+                warmup=1,
+            )[0]
         ref, fast = res[f"{size}, reference"], res[f"{size}, fast"]
-        print(f"  {size} ({(ns.image_size // ns.patch_size) ** 2} tokens, C={ns.embed_dim}): "
-              f"ConViT train step {ref:.0f} -> {fast:.0f} img/s ({fast / ref:.2f}x)", flush=True)
+        print(
+            f"  {size} ({(ns.image_size // ns.patch_size) ** 2} tokens, C={ns.embed_dim}): "
+            f"ConViT train step {ref:.0f} -> {fast:.0f} img/s ({fast / ref:.2f}x)",
+            flush=True,
+        )
     utils.save_results(os.path.join(out, "bench.json"), vars(args), res)
     return res
 
 
 # %%
-DEMOS = [demo_conv_init, demo_locality_strength, demo_gate_mix, demo_nonlocality_at_init]
+DEMOS = [
+    demo_conv_init,
+    demo_locality_strength,
+    demo_gate_mix,
+    demo_nonlocality_at_init,
+]
 
 
 def main(argv=None):
@@ -1242,26 +1560,38 @@ def main(argv=None):
     if args.mode == "demo":
         return utils.run_demos(out, DEMOS)
     if args.mode == "bench":
-        print(f"== bench on {device}, {torch.get_num_threads()} thread(s) ==", flush=True)
+        print(
+            f"== bench on {device}, {torch.get_num_threads()} thread(s) ==", flush=True
+        )
         return bench(args, device, out)
     data = utils.data_from_args(args)
     fit_sizes(args, data)
-    print(f"data: {len(data.x_train)} training images to draw from, "
-          f"{len(eval_split(args, data)[1])} {args.eval_split} images, "
-          f"{(args.image_size // args.patch_size) ** 2} patches per image; {device}", flush=True)
+    print(
+        f"data: {len(data.x_train)} training images to draw from, "
+        f"{len(eval_split(args, data)[1])} {args.eval_split} images, "
+        f"{(args.image_size // args.patch_size) ** 2} patches per image; {device}",
+        flush=True,
+    )
     ref, results, t0 = share_data(data, args.workers), {}, time.time()
     try:
-        runs = train_runs(args, ref, [k for e in args.experiments for k in NEEDS[e](args)])
+        runs = train_runs(
+            args, ref, [k for e in args.experiments for k in NEEDS[e](args)]
+        )
         for name in args.experiments:
             results[name] = EXPERIMENT_FNS[name](args, runs, out)
-            results[name]["train_core_s"] = round(sum(runs[k]["seconds"] for k in
-                                                      dict.fromkeys(NEEDS[name](args))), 1)
-            utils.save_results(os.path.join(out, f"{name}.json"), vars(args), results[name])
+            results[name]["train_core_s"] = round(
+                sum(runs[k]["seconds"] for k in dict.fromkeys(NEEDS[name](args))), 1
+            )
+            utils.save_results(
+                os.path.join(out, f"{name}.json"), vars(args), results[name]
+            )
     finally:
         os.remove(ref)
         _DATA.pop(ref)
-    print(f"\n== {', '.join(args.experiments)} done in {time.time() - t0:.0f}s -> {out} ==",
-          flush=True)
+    print(
+        f"\n== {', '.join(args.experiments)} done in {time.time() - t0:.0f}s -> {out} ==",
+        flush=True,
+    )
     utils.save_results(os.path.join(out, "results.json"), vars(args), results)
     return results
 
