@@ -654,7 +654,8 @@ if utils.in_notebook():
 # map $P^h$ does not depend on the image: one $(N_h, N, N)$ matrix for the whole batch, applied
 # in one matmul per head. `FastGPSA` has the same parameters as `GPSA`; the tests check that
 # both give the same outputs and gradients with a different gate in every head. The lab trains
-# with it; on a 2-core CPU the gain is small (`--bench`), on a GPU the fused kernel saves memory.
+# with it; `--bench` times a training step in both forms. The gain is memory (no stored map)
+# and, on a GPU, the fused kernel.
 
 # %%
 class FastGPSA(GPSA):
