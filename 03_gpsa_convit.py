@@ -29,7 +29,7 @@ import utils
 # self-attention (GPSA) starts each head as one shift of a convolution kernel and gives it a
 # learned gate $\sigma(\lambda_h)$ that slides it, during training, towards ordinary content
 # attention. The paper's claim is about **sample efficiency**: the prior helps most where data
-# is scarce (its Table 2: +13 points at 10% of ImageNet), and the help shrinks as data grows.
+# is scarce (its Table 2 trains on subsets of ImageNet), and the help shrinks as data grows.
 #
 # **What you will learn**
 # - how attention can look at *where* a key is (a positional softmax over the offset $\delta$)
