@@ -728,10 +728,11 @@ class FastGPSA(GPSA):
 # solutions/03_gpsa_convit.py` runs the ones that need no data).
 #
 # 1. **The sharp limit is a convolution** (★, no data, seconds). With
-#    `distance_to_conv(alpha, x, grid=8, lam=30.0)` (gates fully positional) find the smallest
-#    integer $\alpha$ at which a 9-head GPSA layer is within $10^{-3}$ of the $3 \times 3$ shift
-#    convolution. Predict first: the neighbours of a head's patch weigh $e^{-\alpha}$ relative
-#    to it. Then repeat with `lam=1.0`, the real init: does a larger $\alpha$ still help, and why?
+#    `x = torch.randn(2, 64, 36)` and `distance_to_conv(alpha, x, grid=8, lam=30.0)` (gates fully
+#    positional) find the smallest integer $\alpha$ at which a 9-head GPSA layer is within
+#    $10^{-3}$ of the $3 \times 3$ shift convolution. Predict first: the neighbours of a head's
+#    patch weigh $e^{-\alpha}$ relative to it. Then repeat with `lam=1.0`, the real init: does a
+#    larger $\alpha$ still help, and why?
 #    *Check:* the error should fall about $e$-fold per unit of $\alpha$ with `lam=30.0`.
 # 2. **A ConViT without its prior** (★, no data, seconds). Run
 #    `demo_nonlocality_at_init(alpha=0.1)` and compare the GPSA blocks' non-locality with DeiT's
