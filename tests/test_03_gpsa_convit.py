@@ -49,8 +49,9 @@ def test_gpsa_is_two_softmaxes_mixed_by_the_gate(heads, gate):
     scores = torch.empty(heads, G * G, G * G)
     for i in range(G * G):
         for j in range(G * G):
-            dx, dy = j % G - i % G, j // G - i // G  # key minus query; token = y * G + x
-            scores[:, i, j] = w[:, 0] * dx + w[:, 1] * dy + w[:, 2] * (dx * dx + dy * dy) + b
+            d1 = j // G - i // G  # rows, key minus query; token = row * G + column
+            d2 = j % G - i % G    # columns
+            scores[:, i, j] = w[:, 0] * (d1 * d1 + d2 * d2) + w[:, 1] * d1 + w[:, 2] * d2 + b
     s = torch.sigmoid(torch.tensor(gate))
     assert torch.allclose(attn, (1 - s) * content + s * torch.softmax(scores, -1), atol=1e-6)
 
@@ -82,9 +83,10 @@ def test_every_head_mixes_with_its_own_gate_in_both_forms(heads, gates):
         scores = torch.empty(G * G, G * G)
         for i in range(G * G):
             for j in range(G * G):
-                dx, dy = j % G - i % G, j // G - i // G
-                scores[i, j] = ref.pos_proj.weight[h] @ torch.tensor([dx, dy, dx * dx + dy * dy],
-                                                                    dtype=torch.float32)
+                d1 = j // G - i // G
+                d2 = j % G - i % G
+                r = torch.tensor([d1 * d1 + d2 * d2, d1, d2], dtype=torch.float32)
+                scores[i, j] = ref.pos_proj.weight[h] @ r
         s = torch.sigmoid(torch.tensor(gates[h]))
         a = (1 - s) * content + s * torch.softmax(scores + ref.pos_proj.bias[h], -1)
         heads_out.append((a / a.sum(-1, keepdim=True)) @ v)                # eq. 6, (B, N, d)
@@ -126,7 +128,7 @@ def test_mhsa_fused_equals_its_attention_map_and_whole_models_agree():
     explicit = a.proj((a.get_attention(x) @ v).transpose(1, 2).reshape(2, 17, 24))
     assert torch.allclose(a(x), explicit, atol=1e-12, rtol=0)
     kw = dict(img_size=16, patch_size=4, embed_dim=24, depth=3, num_heads=3, local_up_to_layer=2)
-    fast, ref = m.ConViT(**kw).double(), m.ConViT(fast=False, **kw).double()
+    fast, ref = m.ConViT(fast=True, **kw).double(), m.ConViT(**kw).double()
     ref.load_state_dict(fast.state_dict())
     assert type(fast.blocks[0].attn) is m.FastGPSA and type(ref.blocks[0].attn) is m.GPSA
     img = torch.randn(2, 3, 16, 16, dtype=torch.float64)
@@ -184,26 +186,26 @@ def test_head_centres_form_a_grid_around_the_query(heads):
 
 @pytest.mark.parametrize("heads", [4, 9, 16])
 def test_head_centres_are_the_official_set_in_another_order(heads):
-    """The official code gives head i + k*j the offset (j - c, i - c): column by column. Ours:
-    row by row."""
+    """The official code gives head h1 + k*h2 the shift (rows, columns) = (h1 - c, h2 - c):
+    column by column. Ours: row by row."""
     k = math.isqrt(heads)
     c = (k - 1) / 2
     official = [None] * heads
-    for i in range(k):
-        for j in range(k):
-            official[i + k * j] = (j - c, i - c)
+    for h1 in range(k):
+        for h2 in range(k):
+            official[h1 + k * h2] = (h1 - c, h2 - c)
     ours = m.head_centres(heads)
     assert sorted(ours) == sorted(official) and ours != official
-    assert ours == [(dx, dy) for dy, dx in official]  # the transposed enumeration
+    assert ours == [official[i + k * j] for i in range(k) for j in range(k)]  # transposed
 
 
 def _conv_kernel(centre):
-    """What a head centred at Delta attends to in the large-alpha limit: the 3x3 offsets nearest
-    Delta, equally."""
-    offs = [(dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    d2 = torch.tensor([(dx - centre[0]) ** 2 + (dy - centre[1]) ** 2 for dx, dy in offs])
-    near = (d2 == d2.min()).float()
-    return (near / near.sum()).view(3, 3)  # [1 + dy, 1 + dx]
+    """What a head centred at Delta = (rows, columns) attends to in the large-alpha limit: the
+    3x3 offsets nearest Delta, equally."""
+    offs = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)]
+    dist = torch.tensor([(a - centre[0]) ** 2 + (b - centre[1]) ** 2 for a, b in offs])
+    near = (dist == dist.min()).float()
+    return (near / near.sum()).view(3, 3)  # [1 + delta_1, 1 + delta_2]
 
 
 @pytest.mark.parametrize("heads", [4, 9, 5])
@@ -215,8 +217,8 @@ def test_local_init_heads_attend_to_their_centre(heads):
     with torch.no_grad():
         g.gating_param.fill_(30.0)  # sigma(30) == 1 in float32: purely positional
     attn = g.get_attention(torch.randn(2, G * G, 8 * heads))  # (B, h, N, N)
-    for h, (dx, dy) in enumerate(m.head_centres(heads)):
-        K = _conv_kernel((dx, dy))
+    for h, centre in enumerate(m.head_centres(heads)):
+        K = _conv_kernel(centre)
         for qy in range(1, G - 1):
             for qx in range(1, G - 1):
                 a = attn[:, h, qy * G + qx].view(-1, G, G)                 # (B, G, G)
@@ -260,16 +262,16 @@ def test_real_init_is_soft_local_plus_near_uniform_content():
     g = model.blocks[0].attn
     tokens = model.patch_embed(torch.randn(4, 3, 32, 32)).flatten(2).transpose(1, 2)
     x = model.blocks[0].norm1(tokens + model.pos_embed)                   # what the layer sees
-    gate = torch.sigmoid(g.gating_param)
+    gate = g.gate()
     assert torch.allclose(gate, torch.full((h,), 0.7311), atol=1e-4)
-    pos = g.positional_attention(G * G)                                   # (h, N, N)
+    pos = m.positional_attention(g.pos_proj, g.rel(G * G))                # (h, N, N)
     s = gate.view(h, 1, 1)
     content = (g.get_attention(x) - s * pos) / (1 - s)                   # eq. 7's content map
     assert (content - 1 / G ** 2).abs().max() < 0.15 / G ** 2            # within 15% of uniform
     q = 3 * G + 3                                                         # an interior query
-    for hh, (dx, dy) in enumerate(m.head_centres(h)):
-        rows = slice(3 + int(dy - 0.5), 4 + int(dy + 0.5))
-        cols = slice(3 + int(dx - 0.5), 4 + int(dx + 0.5))
+    for hh, (d1, d2) in enumerate(m.head_centres(h)):
+        rows = slice(3 + int(d1 - 0.5), 4 + int(d1 + 0.5))
+        cols = slice(3 + int(d2 - 0.5), 4 + int(d2 + 0.5))
         block = pos[hh, q].view(G, G)[rows, cols]
         assert block.shape == (2, 2) and 0.7 < block.sum() < 0.85  # 77.2% away from the borders
         assert pos[hh, q].max() < 0.2                               # soft, not one-hot
@@ -326,7 +328,7 @@ def test_class_token_joins_after_the_last_gpsa_block(local):
     assert tokens == [16] * local + [17] * (4 - local)  # 4x4 patches, + class token from `local` on
     assert [b.use_gpsa for b in model.blocks] == [i < local for i in range(4)]
     kinds = [type(b.attn).__name__ for b in model.blocks]
-    assert kinds == ["FastGPSA"] * local + ["MHSA"] * (4 - local)
+    assert kinds == ["GPSA"] * local + ["MHSA"] * (4 - local)  # the reference form
     assert all(n.eps == 1e-6 for n in model.modules() if isinstance(n, torch.nn.LayerNorm))
 
 
@@ -436,15 +438,15 @@ def test_runs_in_worker_processes_equal_runs_in_process(tiny_data):
 
 
 def test_bad_input_gives_clear_errors(capsys, tiny_gray_folder):
-    with pytest.raises(AssertionError, match="not divisible by patch_size"):
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
         m.ConViT(img_size=30, patch_size=4)
-    with pytest.raises(AssertionError, match="divisible by num_heads"):
+    with pytest.raises(ValueError, match="divisible by num_heads"):
         m.GPSA(10, num_heads=3)
-    with pytest.raises(AssertionError, match="local_up_to_layer"):
+    with pytest.raises(ValueError, match="local_up_to_layer"):
         m.ConViT(depth=4, local_up_to_layer=4)
-    with pytest.raises(AssertionError, match="square grid"):
+    with pytest.raises(ValueError, match="square grid"):
         _gpsa(16, 4)(torch.randn(1, 65, 16))  # 64 patches + a class token
-    for argv, msg in ((["--image-size", "30"], "not divisible by --patch-size"),
+    for argv, msg in ((["--image-size", "31"], "not divisible by --patch-size"),
                       (["--embed-dim", "30", "--num-heads", "4"], "not divisible by --num-heads"),
                       (["--seeds", "0"], "--seeds"),
                       (["--seeds", "2", "--ablation-seeds", "3"], "--ablation-seeds 3"),
@@ -485,19 +487,25 @@ def test_main_smoke_all_experiments(tiny_gray_folder, tmp_path, capsys):
                   "4", "--cnn-widths", "4,8,8", "--workers", "1",
                   "--experiment", "all", "--out", str(out)])
     text = capsys.readouterr().out
-    assert "--sizes 200,1000 -> 2,10" in text and "n=2 paired seeds" in text, text[-3000:]
+    assert "--sizes 50,500 -> 1,10" in text and "n=2 paired seeds" in text, text[-3000:]
+    entry = text.index("entry check: sample efficiency: DeiT train \u2212 held-out accuracy at "
+                       "1/class = ")
+    assert entry < text.index("ConViT \u2212 DeiT = ")  # printed before the verdicts
+    assert "entry check: sample efficiency: DeiT \u2212 linear on pixels at 10/class" in text
+    assert text.index("linear on pixels at 10/class") < text.index("ConViT \u2212 DeiT = ")
     assert set(res) == {"sample", "controls", "ablation"}
     assert (out / "sample.png").stat().st_size > 1000
     for name in res:
         assert json.loads((out / f"{name}.json").read_text())["metrics"]["train_core_s"] >= 0
     s = res["sample"]["sizes"]
-    assert [r["n"] for r in s] == [2, 10] and s[1]["images"] == 40 and len(s[0]["convit"]) == 2
-    assert s[0]["steps"] == s[1]["steps"] == 10 and s[0]["epochs"] == 5 * s[1]["epochs"]
-    assert s[0]["verdict"]["acc"]["n"] == 2 and res["sample"]["gain_shrinks"]["n"] == 2
-    assert set(res["controls"]["verdicts"]) == {"deit-linear@2", "deit-linear@10", "cnn-deit@2"}
+    assert [r["n"] for r in s] == [1, 10] and s[1]["images"] == 40 and len(s[0]["convit"]) == 2
+    assert s[0]["steps"] == s[1]["steps"] == 10 and s[0]["epochs"] == 10 * s[1]["epochs"]
+    assert s[0]["verdict"]["acc"]["n"] == 2 and res["sample"]["gain_change"]["acc"]["n"] == 2
+    assert set(res["sample"]["entry"]) == {"gap@1", "deit>linear@10"}
+    assert set(res["controls"]["verdicts"]) == {"deit-linear@1", "deit-linear@10", "cnn-deit@1"}
     assert len(res["ablation"]["variants"]["positional"]) == 2
     assert len(res["ablation"]["verdicts"]) == 4 + 5
-    loc = res["sample"]["locality"]
+    loc = res["sample"]["locality"][1]
     end = loc["convit"][0]["end"]
     assert len(end["nonlocality"]) == 3 and len(end["gates"]) == 2
     assert loc["convit"][0]["start"]["nonlocality"][0] < loc["deit"][0]["start"]["nonlocality"][0]
@@ -523,3 +531,58 @@ def test_conv_equivalence_on_real_cifar_tokens(data_dir):
     weight = torch.stack([_conv_kernel(m.head_centres(9)[c // 4]) for c in range(36)])[:, None]
     conv = F.conv2d(x.transpose(1, 2).reshape(10, 36, 8, 8), weight, padding=1, groups=36)
     assert torch.allclose(out[..., 1:-1, 1:-1], conv[..., 1:-1, 1:-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("who", ["solution", "student"])
+def test_implement_gated_mix(who):
+    """Exercise 3, graded: my_gated_mix against the script's gated_mix, a different gate in
+    every head, several shapes (one head, a batch of one, non-square maps of a GPSA)."""
+    import importlib
+    sol = importlib.import_module("solutions.03_gpsa_convit")
+    fn = sol.my_gated_mix if who == "solution" else m.my_gated_mix
+    torch.manual_seed(0)
+    for B, heads, N in [(2, 4, 16), (1, 9, 64), (3, 1, 9), (2, 5, 25)]:
+        content = torch.randn(B, heads, N, N).softmax(-1)
+        positional = torch.randn(heads, N, N).softmax(-1)
+        gate = torch.rand(heads)
+        try:
+            got = fn(content, positional, gate)
+        except NotImplementedError:
+            pytest.skip("my_gated_mix not written yet: fill in my_gated_mix in the Exercises "
+                        "section of 03_gpsa_convit.py")
+        assert got.shape == (B, heads, N, N)
+        assert torch.allclose(got, m.gated_mix(content, positional, gate), atol=1e-6)
+
+
+def test_solutions_without_data_assert_their_answers():
+    import importlib
+    sol = importlib.import_module("solutions.03_gpsa_convit")
+    assert sol.exercise_1() == 10
+    gpsa = sol.exercise_2()
+    assert gpsa[1.0] < gpsa[0.1]
+    assert sol.exercise_3().shape == (2, 4, 9, 9)
+
+
+@pytest.mark.parametrize("arm,value", [("frozen_gate", 0.5), ("positional", 1.0)])
+def test_frozen_gate_arms_keep_their_gates_through_training(tiny_data, arm, value):
+    """The ablation's frozen gates stay frozen while everything else trains (with the quick
+    preset's gate scale, a trainable gate would move in a few steps: the convit arm shows it)."""
+    m._DATA["tiny"] = tiny_data
+    args = _args("--sizes", "8", "--steps", "12", "--batch-size", "8")
+    r = m.run_job(args, "tiny", arm, 8, 0)
+    end = torch.tensor(r["locality"]["end"]["gates"])
+    assert torch.equal(end, torch.full((2, 4), value)), end
+    moved = torch.tensor(m.run_job(args, "tiny", "convit", 8, 0)["locality"]["end"]["gates"])
+    assert (moved - 0.7311).abs().max() > 0.01  # the same run with free gates moves them
+
+
+def test_small_training_subset_is_part_of_the_large():
+    """The same seed draws the sizes from one order: every image of the small set is in the
+    large set, per class, and another seed draws another subset."""
+    y = torch.arange(10).repeat_interleave(60)[torch.randperm(600)]
+    for seed in (0, 1):
+        small = set(m.nested_subset(y, 5, seed).tolist())
+        large = set(m.nested_subset(y, 50, seed).tolist())
+        assert len(small) == 50 and len(large) == 500 and small <= large
+        assert torch.equal(torch.bincount(y[sorted(small)]), torch.full((10,), 5))
+    assert set(m.nested_subset(y, 5, 0).tolist()) != set(m.nested_subset(y, 5, 1).tolist())
