@@ -3,12 +3,15 @@ Li, Li and Yuille, BMVC 2021 (arXiv:2111.07547).
 
 Run:
     python 05_trionet_search.py --demo                  # no data, ~3 s: checks and figures
-    python 05_trionet_search.py --quick --data cifar10  # 2-core CPU, ~3 min: hierarchical vs flat
+    python 05_trionet_search.py --quick --data cifar10  # 2-core CPU, ~6 min: hierarchical vs flat
     python 05_trionet_search.py --quick --data cifar10 --experiment search
-                                      # ~7 min: TrioNet vs the CNN with its controls; sharing
+                                      # ~8 min: TrioNet vs the CNN, with its controls
+    python 05_trionet_search.py --quick --data cifar10 --experiment sharing
+                                      # ~2 min, after search: multi-head vs plain sharing
     python 05_trionet_search.py --data cifar10          # full preset: one GPU (not measured)
 """
 import itertools
+import json
 import math
 import os
 import time
@@ -1207,8 +1210,8 @@ def use_fast_local_attention(model, fast=True):
 #   fall short? Beside it: the all-conv net with the searched net's FLOPs and the best of a
 #   random search with as many scores. Entry check: the supernet ranks sub-networks,
 #   Kendall's $\tau$ of inherited vs stand-alone accuracy $> 0$.
-# - Multi-head vs plain sharing, in the same run: which scheme's inherited scores rank the
-#   same stand-alone nets better ($\tau$, paired by seed), beside their mean inherited accuracy.
+# - `sharing`: which scheme's inherited scores rank the search run's stand-alone nets better
+#   ($\tau$, paired by seed), beside their mean inherited accuracy.
 #
 # The verdicts, their logs and the deviations from the paper are in
 # `runs/05_trionet_search/RESULTS.md`; the README quotes the headline.
@@ -1260,9 +1263,11 @@ def my_channel_index(choice, *, max_width, max_heads, sharing):
 #
 # - `sampling` (the `--quick` default): Hierarchical Sampling trains every operator type
 #   fairly. Arms: hierarchical and flat supernets.
-# - `search`: TrioNet matches the CNN on small data while stand-alone attention falls short;
-#   and Multi-head Sharing ranks sub-networks as stand-alone training would. Arms: multi-head
-#   and plain supernets, their searches, stand-alone nets.
+# - `search`: TrioNet matches the CNN on small data while stand-alone attention falls short.
+#   Arms: a supernet, its evolutionary and random searches, stand-alone nets.
+# - `sharing` (after `search`): Multi-head Sharing ranks sub-networks as stand-alone training
+#   would. Arms: a plain-sharing supernet per seed beside the search run's multi-head one,
+#   both scored against the search run's stand-alone nets.
 
 # %%
 PRESETS = {
@@ -1271,7 +1276,7 @@ PRESETS = {
     "quick": dict(**QUICK_SPACE, train_per_class=250, val_per_class=200,
                   test_per_class=None, batch_size=64, lr=3e-3, supernet_epochs=3,
                   standalone_epochs=8, n_random=1, calib_batches=4, seeds=8,
-                  replicates=4, probes=6, population=10, generations=3, parents=4,
+                  replicates=4, probes=6, population=6, generations=3, parents=4,
                   mutate_prob=0.3, margin=2.0, margin_nll=0.05,
                   margin_inherited=1.0, margin_tau=0.2, workers=2, threads=1,
                   experiments=("sampling",)),
@@ -1308,7 +1313,7 @@ FLAGS = {
     "margin_nll": "search: 'matches' margin, nats",
     "margin_inherited": "sampling and sharing: equivalence margin, inherited accuracy",
     "margin_tau": "sharing: equivalence margin of the Kendall tau difference"}
-EXPERIMENTS = ("sampling", "search")
+EXPERIMENTS = ("sampling", "search", "sharing")
 
 
 def check(args):
@@ -1620,10 +1625,10 @@ def figure_sampling(res, seeds, ops, out):
 # %%
 def exp_search(args, data, out):
     """"TrioNet is still able to match the best operator, convolution in this case" on small
-    data (abstract), with its controls, and Multi-head vs plain sharing judged by ranking. Per
-    seed s: two supernets (multi-head and plain sharing, paired), the multi-head one searched
+    data (abstract), with its controls. Per seed s: a supernet (multi-head sharing), searched
     by evolution and by random search; stand-alone nets of s: the probes, the searched net, the
-    random pick and the FLOPs-matched all-conv. Intervals cover what a rerun changes."""
+    random pick and the FLOPs-matched all-conv. Intervals cover what a rerun changes. The
+    sharing experiment reuses the probes' stand-alone scores (saved in search.json)."""
     space, nc = space_from_args(args), data.num_classes
     seeds = list(range(args.seed, args.seed + args.replicates))
     probes = probe_configs(space, args.probes, args.seed + 100, nc)
@@ -1631,10 +1636,8 @@ def exp_search(args, data, out):
           f"{[name(c) for c in probes]}", flush=True)
     jobs = {}
     for s in seeds:
-        for sharing in ("multihead", "plain"):
-            kw = dict(args=args, data=data, seed=s, sharing=sharing, probes=probes,
-                      search=sharing == "multihead")
-            jobs[sharing, s] = ("supernet", kw)
+        kw = dict(args=args, data=data, seed=s, probes=probes, search=True)
+        jobs["multihead", s] = ("supernet", kw)
     for i, c in enumerate(probes):                           # single-operator nets get a test
         for s in seeds:
             kw = dict(args=args, data=data, config=c, seed=s, test=i < 3)
@@ -1650,28 +1653,41 @@ def exp_search(args, data, out):
                 extra[c, s] = ("standalone", kw)
     runs.update(run_all(args, extra))
     result = judge_search(args, space, seeds, probes, runs, nc)
-    result["sharing"] = judge_sharing(args, space, seeds, probes, runs, data)
+    result["ranking"] = {"seeds": seeds, "probes": [name(c) for c in probes],
+                         "settings": ranking_settings(args),
+                         "inherited": [runs["multihead", s]["scores"] for s in seeds],
+                         "standalone": [[runs[c, s]["val"] for c in probes] for s in seeds]}
     figure_search(space, seeds, runs, probes, out)
     result["runs"] = {f"{k[0] if isinstance(k[0], str) else name(k[0])} seed {k[1]}": r
                       for k, r in runs.items()}
     return result
 
 
-def ranking_taus(runs, arm, seeds, probes):
-    """Per seed: Kendall tau between the supernet's inherited val accuracies of the probes and
-    the probes' stand-alone val accuracies (trained on the same seed)."""
+def ranking_taus(inherited, standalone):
+    """Per seed: Kendall tau between a supernet's inherited val accuracies of the probes and
+    the probes' stand-alone val accuracies (trained on the same seed). Both: [seed][probe]
+    (acc, NLL)."""
     taus = []
-    for s in seeds:
-        inherited = [x[0] for x in runs[arm, s]["scores"]]
-        alone = [runs[c, s]["val"][0] for c in probes]
-        taus.append(kendall_tau(inherited, alone))
+    for a, b in zip(inherited, standalone):
+        taus.append(kendall_tau([x[0] for x in a], [x[0] for x in b]))
     return taus
+
+
+def ranking_settings(args):
+    """The settings a saved search run must share with a sharing run that reuses it."""
+    keys = ("image_size", "stem_channels", "stage_channels", "mid_channels", "depths",
+            "max_heads", "head_choices", "width_ratios", "conv_kernels", "local_windows",
+            "train_per_class", "val_per_class", "batch_size", "lr", "supernet_epochs",
+            "standalone_epochs", "n_random", "calib_batches", "replicates", "probes", "seed")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+            if k in keys}
 
 
 def judge_search(args, space, seeds, probes, runs, nc):
     """The entry check (does the supernet rank?), then searched - all-conv beside its
     controls."""
-    taus = ranking_taus(runs, "multihead", seeds, probes)
+    inherited = [runs["multihead", s]["scores"] for s in seeds]
+    taus = ranking_taus(inherited, [[runs[c, s]["val"] for c in probes] for s in seeds])
     ci = utils.mean_ci(taus)
     entry = entry_check("the supernet ranks sub-networks",
                         "Kendall τ(inherited, stand-alone)", utils.fmt_ci(ci), "> 0",
@@ -1721,7 +1737,39 @@ def judge_search(args, space, seeds, probes, runs, nc):
             "verdicts": v}
 
 
-def judge_sharing(args, space, seeds, probes, runs, data):
+def exp_sharing(args, data, out):
+    """Multi-head vs plain sharing, judged by what a sharing scheme is for: how well inherited
+    scores rank sub-networks as stand-alone training does. Per seed: a plain-sharing supernet,
+    paired with the search run's multi-head supernet of that seed (same initial weights,
+    batches and sampled sub-networks), scores the same probes; Kendall tau of each against the
+    probes' stand-alone scores (from search.json), beside the mean inherited accuracy."""
+    path = os.path.join(out, "search.json")
+    if not os.path.exists(path):
+        raise utils.InputError(f"{path} is missing: run --experiment search first (with the "
+                               f"same flags and --out)")
+    with open(path) as f:
+        saved = json.load(f)["metrics"]["ranking"]
+    if saved["settings"] != ranking_settings(args):
+        raise utils.InputError(f"{path} was made with other settings: rerun --experiment "
+                               f"search with these flags first")
+    space = space_from_args(args)
+    seeds = saved["seeds"]
+    probes = probe_configs(space, args.probes, args.seed + 100, data.num_classes)
+    if [name(c) for c in probes] != saved["probes"]:
+        raise utils.InputError(f"{path} scored other probes: rerun --experiment search")
+    print(f"\n[sharing] {len(seeds)} seeds: plain-sharing supernets paired with the search "
+          f"run's multi-head ones, scoring its probes", flush=True)
+    jobs = {}
+    for s in seeds:
+        kw = dict(args=args, data=data, seed=s, sharing="plain", probes=probes)
+        jobs[s] = ("supernet", kw)
+    plain = run_all(args, jobs)
+    inherited = {"multihead": saved["inherited"],
+                 "plain": [plain[s]["scores"] for s in seeds]}
+    return judge_sharing(args, space, seeds, probes, inherited, saved["standalone"], data)
+
+
+def judge_sharing(args, space, seeds, probes, inherited, standalone, data):
     """Multi-head vs plain sharing: how well each ranks the stand-alone probes (Kendall tau,
     paired by seed), beside the mean inherited val accuracy of the probes."""
     steps = steps_per_supernet(args, data)
@@ -1731,26 +1779,30 @@ def judge_sharing(args, space, seeds, probes, runs, data):
                           n_random=args.n_random)
     mix = head_mix(space, trained)
     on_probes = head_mix(space, probes)
-    print(f"\n[sharing] attention blocks where the schemes differ: "
-          f"{100 * mix['differs']:.0f}% of those trained (replayed), "
-          f"{100 * on_probes['differs']:.0f}% of the probes'")
+    print(f"attention blocks where the schemes differ: {100 * mix['differs']:.0f}% of those "
+          f"trained (replayed), {100 * on_probes['differs']:.0f}% of the probes'")
     entry = entry_check("the sharing schemes differ where the supernet trains",
                         "share of trained attention blocks whose channels differ",
                         f"{100 * mix['differs']:.0f}%", ">= 10%", mix["differs"] >= 0.1)
     taus = {}
+    mean = {}
     for arm in ("multihead", "plain"):
-        taus[arm] = ranking_taus(runs, arm, seeds, probes)
+        taus[arm] = ranking_taus(inherited[arm], standalone)
+        mean[arm] = [tuple(np.mean(x, 0)) for x in inherited[arm]]
+    rows = []
+    for i, s in enumerate(seeds):
+        rows.append([s, f"{taus['multihead'][i]:+.2f}", f"{taus['plain'][i]:+.2f}",
+                     mean["multihead"][i][0], mean["plain"][i][0]])
+    print(table(rows, ["seed", "τ multi-head", "τ plain", "mean inherited % multi-head",
+                       "mean inherited % plain"]))
     tau = utils.compare_paired(taus["multihead"], taus["plain"], name_a="multi-head τ",
                                name_b="plain τ", unit="τ", digits=2,
                                bound=args.margin_tau)
-    mean = {}
-    for arm in ("multihead", "plain"):
-        mean[arm] = [tuple(np.mean(runs[arm, s]["scores"], 0)) for s in seeds]
     v = verdicts(mean["multihead"], mean["plain"], "multi-head", "plain",
                  margins=(args.margin_inherited, 0.02))
     return {"trained_differs": mix["differs"], "probes_differ": on_probes["differs"],
             "entry_check": entry, "taus": taus, "tau_verdict": tau,
-            "mean_inherited": mean, "verdicts": v}
+            "mean_inherited": mean, "verdicts": v, "inherited": inherited}
 
 
 def figure_search(space, seeds, runs, probes, out):
@@ -1828,7 +1880,8 @@ def main(argv=None):
           flush=True)
     for exp in args.experiments:
         t0 = time.time()
-        run = {"sampling": exp_sampling, "search": exp_search}[exp]
+        runs = {"sampling": exp_sampling, "search": exp_search, "sharing": exp_sharing}
+        run = runs[exp]
         results[exp] = run(args, data, out)
         results[exp]["wall_s"] = round(time.time() - t0)
         utils.save_results(os.path.join(out, f"{exp}.json"), vars(args), results[exp])

@@ -848,10 +848,11 @@ def test_main_smoke(tiny_gray_folder, tmp_path):
              "--replicates", "2", "--batch-size", "8", "--calib-batches", "1", "--workers", "1",
              "--out", str(out), "--experiment", "all"]
     metrics = m.main(["--quick", "--data", tiny_gray_folder] + small)
-    assert set(metrics) == set(m.EXPERIMENTS) == {"sampling", "search"}
+    assert set(metrics) == set(m.EXPERIMENTS) == {"sampling", "search", "sharing"}
     for name in metrics:
         blob = json.loads((out / f"{name}.json").read_text())
         assert blob["metrics"]["wall_s"] >= 0 and blob["command"].startswith("python")
+    for name in ("sampling", "search"):
         assert (out / f"{name}.png").stat().st_size > 1000
     sa = metrics["sampling"]
     assert sa["entry_check"]["line"].startswith("entry check: hierarchical sampling")
@@ -862,8 +863,11 @@ def test_main_smoke(tiny_gray_folder, tmp_path):
     assert len(s["taus"]) == 2 and len(s["probes"]) == 4
     assert {v["points"]["n"] for v in s["verdicts"].values()} == {2}
     assert "matches" in s["verdicts"]["searched - all-conv"]["points"]
-    sh = s["sharing"]
+    sh = metrics["sharing"]
     assert sh["tau_verdict"]["n"] == 2 and sh["entry_check"]["line"].startswith("entry check: ")
+    # the plain supernets are paired with the search run's multi-head ones and its probes
+    assert sh["inherited"]["multihead"] == json.loads(json.dumps(s["ranking"]["inherited"]))
+    assert sh["taus"]["multihead"] == pytest.approx(s["taus"], nan_ok=True)
 
 
 def test_real_cifar_supernet_learns(data_dir):
