@@ -862,7 +862,8 @@ def test_main_smoke(tiny_gray_folder, tmp_path):
         "entry check: the supernet ranks sub-networks: Kendall τ(inherited, stand-alone) = ")
     assert len(s["taus"]) == 2 and len(s["probes"]) == 4
     assert {v["points"]["n"] for v in s["verdicts"].values()} == {2}
-    assert "matches" in s["verdicts"]["searched - all-conv"]["points"]
+    assert s["verdicts"]["searched - all-conv"]["points"]["line"].startswith(
+        "searched − all-conv = ")
     sh = metrics["sharing"]
     assert sh["tau_verdict"]["n"] == 2 and sh["entry_check"]["line"].startswith("entry check: ")
     # the plain supernets are paired with the search run's multi-head ones and its probes
