@@ -923,3 +923,19 @@ def test_implement_channel_index(who):
                                     "in the Exercises section of 05_trionet_search.py")
                     assert torch.equal(torch.as_tensor(got).long(), m.channel_index(c, **kw)), \
                         (c, sharing)
+
+
+def test_sharing_needs_the_search_run_it_pairs_with(tiny_gray_folder, tmp_path, capsys):
+    """--experiment sharing reuses the search run's stand-alone nets: without search.json, or
+    with one made under other settings, it stops with one line instead of pairing wrongly."""
+    argv = ["--quick", "--data", tiny_gray_folder, "--out", str(tmp_path), "--workers", "1"]
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(m.main, argv + ["--experiment", "sharing"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "search.json is missing" in err, err
+    ranking = {"settings": {"lr": 1.0}, "seeds": [0, 1], "probes": []}
+    (tmp_path / "search.json").write_text(json.dumps({"metrics": {"ranking": ranking}}))
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(m.main, argv + ["--experiment", "sharing"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "other settings" in err, err
