@@ -1,7 +1,7 @@
 """Answers to the exercises of 05_trionet_search.py: one function per exercise, each computing
 its answer and asserting it. Exercises 1-4 need no data; `python solutions/05_trionet_search.py`
 runs them in seconds, and tests/test_05_trionet_search.py runs them too. Exercise 5 trains on
-CIFAR-10 (about 12 minutes on 2 cores): call exercise_5(data_dir) yourself."""
+CIFAR-10 (about 8 minutes on 2 cores): call exercise_5(data_dir) yourself."""
 import importlib
 import os
 import sys
@@ -122,7 +122,7 @@ QUICK_SPACE_SHARING = {**m.QUICK_SPACE, "ops": ("local", "axial"), "mid_channels
 
 
 def exercise_5(data_dir, out="runs/05_trionet_search/exercise_5"):
-    """CIFAR-10, about 12 minutes: the search experiment with 6 supernet epochs and 3 seeds.
+    """CIFAR-10, about 8 minutes: the search experiment with 6 supernet epochs and 3 seeds.
     Returns the entry check's per-seed tau and its line; compare it with the committed run."""
     result = m.main(["--quick", "--data", data_dir, "--experiment", "search",
                      "--supernet-epochs", "6", "--replicates", "3", "--out", out])
