@@ -872,7 +872,10 @@ def test_main_smoke(tiny_gray_folder, tmp_path):
 
 
 def test_real_cifar_supernet_learns(data_dir):
-    d = utils.load_data(data_dir, image_size=16, train_per_class=60, val_per_class=20,
+    """A supernet trained 4 epochs on 1,000 real images: the largest and the smallest
+    sub-network of a step and the plain ResNet all score clearly above chance (10%) on 400
+    validation images (binomial SE 1.5 points), with inherited weights."""
+    d = utils.load_data(data_dir, image_size=16, train_per_class=100, val_per_class=40,
                         test_per_class=1)
     args = utils.cli(m.__doc__, m.PRESETS, m.FLAGS, ["--quick", "--batch-size", "50",
                                                       "--calib-batches", "2"],
@@ -880,14 +883,14 @@ def test_real_cifar_supernet_learns(data_dir):
     space = make_space()
     train, val, _, calib = m.loaders(args, d, torch.device("cpu"), 0)
     torch.manual_seed(0)
-    net = m.TrioNetSupernet(space, num_classes=10)
+    net = m.use_fast_local_attention(m.TrioNetSupernet(space, num_classes=10))  # as the lab
     step = m.sandwich_step_fn(space, scheme="hierarchical", n_random=1,
                               generator=torch.Generator().manual_seed(0))
     utils.train(net, train, epochs=4, lr=3e-3, step_fn=step, log=lambda s: None)
     ends = m.sandwich_configs(space, torch.Generator().manual_seed(1), scheme="hierarchical",
                               n_random=0)
     accs = [m.inherited_score(net, c, val, calib).acc for c in ends + [space.resnet_config()]]
-    assert min(accs) > 15, accs  # chance is 10% on 200 validation images
+    assert min(accs) > 15, accs  # chance is 10%: 15 is 3.3 binomial SEs above it
 
 # ---------------------------------------------------------------------------------- exercises
 
