@@ -2,12 +2,12 @@
 Li, Li and Yuille, BMVC 2021 (arXiv:2111.07547).
 
 Run:
-    python 05_trionet_search.py --demo                  # no data, ~3 s: checks and figures
-    python 05_trionet_search.py --quick --data cifar10  # 2-core CPU, ~6 min: hierarchical vs flat
+    python 05_trionet_search.py --demo                  # no data, ~4 s: checks and figures
+    python 05_trionet_search.py --quick --data cifar10  # 2-core CPU, ~4.5 min: hierarchical/flat
     python 05_trionet_search.py --quick --data cifar10 --experiment search
-                                      # ~8 min: TrioNet vs the CNN, with its controls
+                                      # ~7.5 min: TrioNet vs the CNN, with its controls
     python 05_trionet_search.py --quick --data cifar10 --experiment sharing
-                                      # ~2 min, after search: multi-head vs plain sharing
+                                      # ~1 min, after search: multi-head vs plain sharing
     python 05_trionet_search.py --data cifar10          # full preset: one GPU (not measured)
 """
 import itertools
