@@ -128,10 +128,10 @@ def cli(doc, presets, flags, argv=None, *, experiments=(), bench=None, check=Non
     if chosen == "all":
         args.experiments = list(experiments)
     try:
-        if args.mode in ("quick", "full") and args.data != "cifar10":
-            _check_folder(args.data)  # a wrong folder stops now, not after minutes of work
         if check:
             check(args)
+        if args.mode in ("quick", "full") and args.data != "cifar10":
+            _check_folder(args.data)  # a wrong folder stops now, not after minutes of work
     except InputError as e:
         p.error(str(e))
     return args

@@ -600,11 +600,13 @@ def test_runs_do_not_depend_on_workers(tiny_gray_folder, tmp_path):
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
-    with pytest.raises(utils.InputError, match="--data"):
-        m.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    # a bad --data folder stops at once, before any experiment runs: one line, exit 2
     (tmp_path / "no_train" / "test" / "cat").mkdir(parents=True)
-    with pytest.raises(utils.InputError, match="train/<class>"):
-        m.main(["--data", str(tmp_path / "no_train"), "--out", str(tmp_path / "o")])
+    for folder, msg in (("missing", "--data"), ("no_train", "train/<class>")):
+        with pytest.raises(SystemExit) as e:
+            m.main(["--quick", "--data", str(tmp_path / folder), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and err.count("\n") == 1, err
     for bad, msg in ((["--widths", "16,30,64"], "multiple of --head-dim"),
                      (["--window", "4"], "odd"), (["--image-size", "30"], "divisible"),
                      (["--models", "all-conv,mlp"], "unknown --models"),
