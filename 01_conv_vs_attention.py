@@ -1069,7 +1069,7 @@ def my_conv_pos_v(kernel_size, alpha):
 
 # %%
 PRESETS = {
-    # 2-core CPU, ~6 min with --workers 2; every run ~312 steps of batch 64, all test images
+    # 2-core CPU, ~8 min with --workers 2; every run ~312 steps of batch 64, all test images
     "quick": dict(train_per_class=1000, val_per_class=0, test_per_class=None,
                   image_size=32, epochs=2, scaling_factor=10, widths=(16, 32, 128),
                   head_dim=16, window=3, stem_stride=2, batch_size=64, lr=3e-3, seeds=4,
