@@ -1248,13 +1248,15 @@ AUTOFORMER_T = SearchSpace((192, 216, 240), (12, 13, 14), (3, 4), (3.5, 4.0), 64
 AUTOFORMER_T_TABLE = SearchSpace((192, 216, 240), (12,), (3, 4), (4.0,), 64)
 PRESETS = {  # the full preset: the AutoFormer-T space on 32x32 CIFAR, patch 4
     "quick": dict(train_per_class=1000, val_per_class=100, image_size=24, patch_size=4,
-                  batch_size=64, epochs=8, lr=2e-3, seeds=3, probes=20, rank_k=8,
-                  budget=100, population=10, parents=5, workers=2, threads=1,
+                  batch_size=64, epochs=8, lr=2e-3, seeds=4, probes=20, rank_k=8,
+                  rank_spacing="log", budget=100, population=10, parents=5, workers=2,
+                  threads=1,
                   experiments=("entangle", "search", "inherit"),
                   **space_flags(QUICK_SPACE, QUICK_TABLE)),
     "full": dict(train_per_class=None, val_per_class=500, image_size=32, patch_size=4,
                  batch_size=256, epochs=100, lr=1e-3, seeds=3, probes=50, rank_k=8,
-                 budget=1000, population=50, parents=10, workers=1, threads=None,
+                 rank_spacing="log", budget=1000, population=50, parents=10, workers=1,
+                 threads=None,
                  **space_flags(AUTOFORMER_T, AUTOFORMER_T_TABLE))}
 for preset in PRESETS.values():  # the same in both
     preset.update(test_per_class=None, max_rel_pos=14, weight_decay=0.05,
@@ -1274,6 +1276,8 @@ FLAGS = {
     "seeds": "supernet seeds, the n of every verdict (each seed trains its own "
              "supernets)",
     "rank_k": "rank: subnets per seed, spread over the space, each trained alone",
+    "rank_spacing": ("rank: the subnets' sizes evenly spaced in log(parameters) or in "
+                     "parameters", {"choices": ("log", "linear")}),
     "probes": "entangle: random subnets scored with both supernets of a seed",
     "table_embed_dims": "search: C of the sub-space scored exhaustively (the table)",
     "table_depths": "search: the table's depths", "table_num_heads": "search: its heads",
@@ -1365,11 +1369,19 @@ def train_supernet(a, data, kind, seed, loaders, log):
 # supernet's batches and for its steps (`run_alone`, one job each), and scored on validation.
 # `kendall_tau` compares the two orders. The linear classifier on pixels is the control every
 # subnet must beat.
+#
+# Why sizes evenly spaced in $\log$(parameters): accuracy grows roughly with the log of a
+# model's size, and at a fixed number of steps it stops growing once a model is large enough.
+# Evenly spaced *parameter counts* put most of the $k$ subnets among the large ones, whose
+# stand-alone scores differ by less than the validation set can resolve; a ladder in which
+# each subnet is a constant factor larger than the one before spreads them over the sizes
+# where training alone tells them apart (RESULTS.md has the pilot that compared the two).
 
 # %%
-def spread_configs(supernet, k, seed):
+def spread_configs(supernet, k, seed, spacing="log"):
     """k subnets spread over the whole space: the smallest, the largest, and between them the
-    random subnets (of 400) whose parameter counts lie nearest k - 2 evenly spaced targets."""
+    random subnets (of 400) whose parameter counts lie nearest k - 2 targets, evenly spaced
+    in log(parameters) (or, spacing="linear", in parameters)."""
     rng = random.Random(f"spread/{seed}")
     space = supernet.space
     ends = [smallest_config(space), largest_config(space)]
@@ -1378,7 +1390,10 @@ def spread_configs(supernet, k, seed):
     pool = [sample_config(space, rng) for _ in range(400)]
     inner = []
     for i in range(1, k - 1):
-        target = lo + i * (hi - lo) / (k - 1)
+        # a step of the ladder multiplies the size (log) or adds to it (linear)
+        target = lo * (hi / lo) ** (i / (k - 1))
+        if spacing == "linear":
+            target = lo + i * (hi - lo) / (k - 1)
         inner.append(min(pool, key=lambda c: abs(subnet_params(supernet, c) - target)))
     return [ends[0]] + inner + [ends[1]]
 
@@ -1397,7 +1412,7 @@ def run_alone(a, data, seed, i):
     device = utils.get_device(a.device)
     torch.manual_seed(seed)
     supernet = build_supernet(a, data.num_classes).to(device)
-    config = spread_configs(supernet, a.rank_k, seed)[i]
+    config = spread_configs(supernet, a.rank_k, seed, a.rank_spacing)[i]
     sub = extract_subnet(supernet, config)
     loaders = utils.make_loaders(data, batch_size=a.batch_size, device=device, seed=seed)
     train, val, _ = loaders
@@ -1493,7 +1508,7 @@ def run_seed(a, data, kind, seed, todo):
     if kind == "classic":
         return out
     if "rank" in todo:  # inherited validation scores of the subnets trained alone
-        spread = spread_configs(model, a.rank_k, seed)
+        spread = spread_configs(model, a.rank_k, seed, a.rank_spacing)
         per = score_configs(model, spread, loaders[1])
         out["rank"] = [tuple(summarize(*per[config_key(c)])) for c in spread]
     if {"search", "inherit"} & set(todo):
@@ -1665,7 +1680,7 @@ def supernet_fingerprint(a):
     names = ("data", "image_size", "patch_size", "train_per_class", "val_per_class",
              "batch_size", "epochs", "lr", "weight_decay", "seed", "seeds",
              "max_rel_pos", "embed_dims", "depths", "num_heads", "mlp_ratios",
-             "head_dim")
+             "head_dim", "rank_k", "rank_spacing")
     return {n: str(getattr(a, n)) for n in names}
 
 

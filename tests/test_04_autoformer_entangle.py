@@ -596,16 +596,35 @@ def test_kendall_tau_against_known_orders():
     assert m.kendall_tau(a, b) == pytest.approx((2 * agree - len(pairs)) / len(pairs))
 
 
+@pytest.mark.parametrize("spacing", ["log", "linear"])
 @pytest.mark.parametrize("k", [2, 5, 8])
-def test_spread_configs_run_from_the_smallest_to_the_largest(k):
+def test_spread_configs_run_from_the_smallest_to_the_largest(k, spacing):
     sn = m.SuperViT(m.QUICK_SPACE, **m.QUICK_IMAGE)
-    spread = m.spread_configs(sn, k, seed=3)
+    spread = m.spread_configs(sn, k, seed=3, spacing=spacing)
     sizes = [m.subnet_params(sn, c) for c in spread]
     assert len(spread) == k
     assert spread[0] == m.smallest_config(m.QUICK_SPACE)
     assert spread[-1] == m.largest_config(m.QUICK_SPACE)
     assert sizes == sorted(sizes) and len(set(sizes)) == k, sizes
-    assert spread == m.spread_configs(sn, k, seed=3)  # the same subnets in every job of a seed
+    # the same subnets in every job of a seed
+    assert spread == m.spread_configs(sn, k, seed=3, spacing=spacing)
+
+
+def test_log_spacing_steps_by_a_constant_factor_and_linear_by_a_constant_size():
+    """With k = 8 on the quick space, each subnet of the log ladder is about (hi/lo)^(1/7)
+    times the one before (1.5x), while the linear ladder adds about (hi - lo)/7 parameters;
+    so the log ladder puts more subnets among the small ones, where accuracy still grows."""
+    sn = m.SuperViT(m.QUICK_SPACE, **m.QUICK_IMAGE)
+    for spacing in ("log", "linear"):
+        sizes = [m.subnet_params(sn, c) for c in m.spread_configs(sn, 8, 3, spacing)]
+        lo, hi = sizes[0], sizes[-1]
+        for i, size in enumerate(sizes):
+            target = lo * (hi / lo) ** (i / 7)
+            if spacing == "linear":
+                target = lo + i * (hi - lo) / 7
+            assert abs(size / target - 1) < 0.1, (spacing, i, size, target)
+    log_sizes = [m.subnet_params(sn, c) for c in m.spread_configs(sn, 8, 3, "log")]
+    assert sum(s < 30_000 for s in log_sizes) >= 4  # half the ladder below 30k parameters
 
 # ----------------------------------------------------------------------------------- exercises
 
