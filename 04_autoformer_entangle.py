@@ -12,6 +12,7 @@ Run:
 """
 import itertools
 import json
+import math
 import os
 import random
 import time
@@ -1214,11 +1215,13 @@ def summarize(correct, nll):
 #    fitness and run `evolution_search` on it. Predict where it ends. Check: compare its pick
 #    with the table's worst in-range subnet, and say how a test of the lab's fitness would catch
 #    such a sign error.
-# 5. **Does this supernet rank?** (★★, CIFAR-10, about 3 min). Run
-#    `main(["--quick", "--data", "cifar10", "--experiment", "rank", "--seeds", "1"])` and read
-#    `r["rank"]`: Kendall's $\tau$ between inherited and stand-alone scores, by NLL and by
-#    accuracy, for one supernet. Which of the two orders agrees more, and why might accuracy on
-#    1,000 images rank worse? Check: the solution's `exercise_5(data_dir)`.
+# 5. **Where does the supernet's order hold?** (★★, CIFAR-10, about 2.5 min). Run
+#    `r = main(["--quick", "--data", "cifar10", "--experiment", "rank", "--seeds", "1"])`.
+#    `r["rank"]["subnets"][0]` lists the ladder's 8 subnets with their parameter counts and
+#    their (accuracy, NLL) trained alone and inherited. Compute Kendall's $\tau$ by NLL over the
+#    whole ladder, then over the subnets of 30k parameters or more: the sizes among which the
+#    search chooses (its range is 37k..68k). Predict which is higher, and say what that means
+#    for a search inside the range. Check: the solution's `exercise_5(data_dir)`.
 
 # %%
 def my_extract_subnet(supernet, config):
@@ -1568,14 +1571,19 @@ def rank_rows(res, a, s):
 def entry_checks(gap, tau):
     """The two entry-check lines, from mean_ci tuples of the capacity gap and of tau."""
     # met: a mean of at least 3 points, and an interval (over supernet seeds) clear of 0
+    # (one supernet has no interval: not met, and the line says why)
     met_gap = "met" if gap[0] >= 3 and gap[1] > 0 else "not met"
     met_tau = "met" if tau[1] > 0 else "not met"
+    gap_ci = f"[{gap[1]:+.1f}, {gap[2]:+.1f}]"
+    tau_ci = f"[{tau[1]:+.2f}, {tau[2]:+.2f}]"
+    if math.isnan(tau[1]):
+        gap_ci = "(one supernet: no interval)"
+        tau_ci = gap_ci
     return [
         f"entry check: capacity matters: largest − smallest sub-network trained alone = "
-        f"{gap[0]:+.1f} points [{gap[1]:+.1f}, {gap[2]:+.1f}] (needs ≥ 3) → {met_gap}",
+        f"{gap[0]:+.1f} points {gap_ci} (needs ≥ 3) → {met_gap}",
         f"entry check: the supernet ranks sub-networks: Kendall τ(inherited, "
-        f"stand-alone) = {tau[0]:+.2f} [{tau[1]:+.2f}, {tau[2]:+.2f}] (needs > 0, "
-        f"aim ≥ 0.5) → {met_tau}"]
+        f"stand-alone) = {tau[0]:+.2f} {tau_ci} (needs > 0, aim ≥ 0.5) → {met_tau}"]
 
 
 def exp_rank(res, a):
@@ -1587,10 +1595,14 @@ def exp_rank(res, a):
     taus_acc = []
     gaps = []
     beat = 0
+    subnets = {}  # seed -> the table's subnets: parameters, (acc, NLL) alone and inherited
     for s in seeds:
         rows += rank_rows(res, a, s)
         alone = [res[(f"alone{i}", s)]["val"] for i in range(a.rank_k)]
         inherited = res[("entangled", s)]["rank"]
+        params = [res[(f"alone{i}", s)]["params"] for i in range(a.rank_k)]
+        subnets[s] = [{"params": n, "alone": tuple(x), "inherited": tuple(y)}
+                      for n, x, y in zip(params, alone, inherited)]
         # tau by NLL, the search's fitness (by accuracy too, printed)
         taus.append(kendall_tau([x[1] for x in inherited], [x[1] for x in alone]))
         taus_acc.append(kendall_tau([x[0] for x in inherited], [x[0] for x in alone]))
@@ -1618,7 +1630,7 @@ def exp_rank(res, a):
     return {"tau_nll": taus, "tau_acc": taus_acc, "gap": gaps, "beat_linear": beat,
             "linear_val": [res[("linear", s)]["val"] for s in seeds],
             "linear_test": [res[("linear", s)]["test"] for s in seeds],
-            "checks": checks, "rows": rows}
+            "checks": checks, "rows": rows, "subnets": subnets}
 
 
 def exp_entangle(res, a):

@@ -89,19 +89,28 @@ def exercise_4():
 
 
 def exercise_5(data_dir):
-    """One supernet seed of the rank experiment on CIFAR-10: Kendall's tau between inherited
-    and stand-alone scores, by NLL and by accuracy. Seed 0 is the first seed of the logged
-    rank run (runs/04_autoformer_entangle/rank.log): the same supernet and the same 8 subnets.
-    NLL orders them more like training alone does than accuracy: accuracy on 1,000 images
-    moves in steps of 0.1 points and ties or flips subnets whose NLL still tells them apart."""
+    """One supernet seed of the rank experiment on CIFAR-10 (seed 0, the first seed of
+    runs/04_autoformer_entangle/rank.log: the same supernet and the same 8 subnets). Kendall's
+    tau by NLL over the whole ladder, and among the subnets of 30k parameters or more. The
+    supernet gets the coarse order right (small subnets below large ones), so tau over the
+    ladder is positive; among the large subnets, whose scores alone differ by a point or two,
+    its order is no better than chance, and that is where the search chooses."""
     r = m.main(["--quick", "--data", data_dir, "--experiment", "rank", "--seeds", "1",
                 "--out", os.path.join("runs", "04_autoformer_entangle", "exercise_5")])
-    tau_nll = r["rank"]["tau_nll"][0]
-    tau_acc = r["rank"]["tau_acc"][0]
-    print(f"Kendall tau(inherited, alone): by NLL {tau_nll:+.2f}, by accuracy {tau_acc:+.2f}")
-    assert -1 <= tau_acc <= 1 and -1 <= tau_nll <= 1
-    assert tau_nll > tau_acc, (tau_nll, tau_acc)
-    return tau_nll, tau_acc
+    subnets = r["rank"]["subnets"][0]
+
+    def tau(rows):
+        inherited = [x["inherited"][1] for x in rows]
+        alone = [x["alone"][1] for x in rows]
+        return m.kendall_tau(inherited, alone)
+    large = [x for x in subnets if x["params"] >= 30_000]
+    ladder = tau(subnets)
+    among_large = tau(large)
+    print(f"Kendall tau(inherited, alone) by NLL: the ladder of {len(subnets)} {ladder:+.2f}; "
+          f"the {len(large)} subnets of >= 30k parameters {among_large:+.2f}")
+    assert len(large) >= 3
+    assert ladder > 0 and among_large < ladder, (ladder, among_large)
+    return ladder, among_large
 
 
 if __name__ == "__main__":

@@ -596,6 +596,18 @@ def test_kendall_tau_against_known_orders():
     assert m.kendall_tau(a, b) == pytest.approx((2 * agree - len(pairs)) / len(pairs))
 
 
+def test_entry_checks_need_an_interval_clear_of_zero():
+    """Met: the capacity gap >= 3 points and both intervals (over supernets) above 0. One
+    supernet has no interval: not met, and the line says so instead of printing nan."""
+    met = m.entry_checks((8.2, 5.6, 10.8), (0.66, 0.52, 0.80))
+    assert met[0].endswith("→ met") and met[1].endswith("→ met"), met
+    weak = m.entry_checks((2.5, 1.0, 4.0), (0.43, -0.28, 1.14))
+    assert all(line.endswith("→ not met") for line in weak), weak
+    one = m.entry_checks(utils.mean_ci([8.0]), utils.mean_ci([0.79]))
+    assert "nan" not in " ".join(one) and "no interval" in one[1], one
+    assert all(line.endswith("→ not met") for line in one), one
+
+
 @pytest.mark.parametrize("spacing", ["log", "linear"])
 @pytest.mark.parametrize("k", [2, 5, 8])
 def test_spread_configs_run_from_the_smallest_to_the_largest(k, spacing):
