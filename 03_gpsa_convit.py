@@ -1498,6 +1498,15 @@ def exp_ablation(args, runs, out):
     )
     arms = [a for a, _, s in NEEDS["ablation"](args) if s == args.seed]
     r = {a: get(runs, a, n, args, k) for a in arms}
+    # the ablation asks which part carries ConViT's gain over DeiT: there must be a gain
+    gain = utils.compare_paired([x["acc"] for x in r["convit"]],
+                                [x["acc"] for x in r["deit"]],
+                                name_a="ConViT", name_b="DeiT", log=None)
+    met = gain["ci"][0] > 0
+    print(f"entry check: ablation: a gain to attribute: ConViT \u2212 DeiT at {n}/class = "
+          f"{_signed(gain['diff'])} points, 95% CI [{_signed(gain['ci'][0])}, "
+          f"{_signed(gain['ci'][1])}] (needs CI above 0) \u2192 "
+          f"{'met' if met else 'not met'}", flush=True)
 
     def diff(a, b):  # paired accuracy difference of two arms, as "mean [95% CI]"
         if a == b:
@@ -1518,7 +1527,8 @@ def exp_ablation(args, runs, out):
             for a in arms
         ],
     )
-    res = {"n": n, "variants": {a: per_seed(r[a]) for a in arms}, "verdicts": {}}
+    res = {"n": n, "variants": {a: per_seed(r[a]) for a in arms}, "verdicts": {},
+           "entry": {f"convit>deit@{n}": met}}
     for a, b in [(a, "convit") for a in arms[1:-1]] + [(a, "deit") for a in arms[:-1]]:
         print(f"  {ARMS[a]} vs {ARMS[b]}:")
         res["verdicts"][f"{a}-{b}"] = verdicts(r[a], r[b], ARMS[a], ARMS[b])

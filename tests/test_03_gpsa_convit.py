@@ -505,6 +505,12 @@ def test_main_smoke_all_experiments(tiny_gray_folder, tmp_path, capsys):
     assert set(res["controls"]["verdicts"]) == {"deit-linear@1", "deit-linear@10", "cnn-deit@1"}
     assert len(res["ablation"]["variants"]["positional"]) == 2
     assert len(res["ablation"]["verdicts"]) == 4 + 5
+    # the ablation's own entry check (a gain to attribute), before its table and verdicts
+    ablation = text.index("== ablation")
+    check = text.index("entry check: ablation: a gain to attribute: ConViT \u2212 DeiT at 1/class")
+    assert ablation < check < text.index("ConViT, gates frozen at 1 (positional) vs ConViT")
+    gain = res["ablation"]["verdicts"]["convit-deit"]["acc"]
+    assert res["ablation"]["entry"] == {"convit>deit@1": gain["ci"][0] > 0}
     loc = res["sample"]["locality"][1]
     end = loc["convit"][0]["end"]
     assert len(end["nonlocality"]) == 3 and len(end["gates"]) == 2
