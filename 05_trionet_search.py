@@ -1241,8 +1241,7 @@ def use_fast_local_attention(model, fast=True):
 #    `head_mix(space, replay(..., ties="first"))` and `ties="random"`. Predict first: with ties
 #    to the fewest heads, what share of attention training reaches layers where the sharing
 #    schemes differ? Check: the two `head_mix(...)["differs"]` values.
-# 5. **Does longer supernet training rank better?** (★★★, CIFAR-10, an estimated 8 min on 2 cores:
-#    not timed).
+# 5. **Does longer supernet training rank better?** (★★★, CIFAR-10, about 6 min on 2 cores).
 #    Run `python 05_trionet_search.py --quick --data cifar10 --experiment search
 #    --supernet-epochs 6 --replicates 3` and compare its entry-check τ with the committed run's
 #    (3 epochs). Check: both τ intervals, and whether the searched net's verdict changes.

@@ -122,7 +122,7 @@ QUICK_SPACE_SHARING = {**m.QUICK_SPACE, "ops": ("local", "axial"), "mid_channels
 
 
 def exercise_5(data_dir, out="runs/05_trionet_search/exercise_5"):
-    """CIFAR-10, about 8 minutes: the search experiment with 6 supernet epochs and 3 seeds.
+    """CIFAR-10, about 6 minutes: the search experiment with 6 supernet epochs and 3 seeds.
     Returns the entry check's per-seed tau and its line; compare it with the committed run."""
     result = m.main(["--quick", "--data", data_dir, "--experiment", "search",
                      "--supernet-epochs", "6", "--replicates", "3", "--out", out])
