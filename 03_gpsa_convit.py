@@ -1246,11 +1246,18 @@ def entry_checks(args, runs):
     v = utils.compare_paired([r["acc"] for r in get(runs, "deit", big, args)],
                              [r["acc"] for r in get(runs, "linear", big, args)],
                              name_a="DeiT", name_b="linear on pixels", log=None)
-    met[f"deit>linear@{big}"] = v["ci"][0] > 0
-    print(f"entry check: sample efficiency: DeiT \u2212 linear on pixels at {big}/class = "
-          f"{_signed(v['diff'])} points, 95% CI [{_signed(v['ci'][0])}, "
-          f"{_signed(v['ci'][1])}] (needs CI above 0) \u2192 "
-          f"{'met' if met[f'deit>linear@{big}'] else 'not met'}", flush=True)
+    met[f"deit>linear@{big}"] = ci_entry_check(
+        f"sample efficiency: DeiT \u2212 linear on pixels at {big}/class", v)
+    return met
+
+
+def ci_entry_check(what, v):
+    """Print the entry check that the paired difference `v` (from compare_paired) has
+    its interval above 0. -> met"""
+    met = v["ci"][0] > 0
+    print(f"entry check: {what} = {_signed(v['diff'])} points, 95% CI "
+          f"[{_signed(v['ci'][0])}, {_signed(v['ci'][1])}] (needs CI above 0) \u2192 "
+          f"{'met' if met else 'not met'}", flush=True)
     return met
 
 
@@ -1507,11 +1514,8 @@ def exp_ablation(args, runs, out):
     gain = utils.compare_paired([x["acc"] for x in r["convit"]],
                                 [x["acc"] for x in r["deit"]],
                                 name_a="ConViT", name_b="DeiT", log=None)
-    met = gain["ci"][0] > 0
-    print(f"entry check: ablation: a gain to attribute: ConViT \u2212 DeiT at {n}/class = "
-          f"{_signed(gain['diff'])} points, 95% CI [{_signed(gain['ci'][0])}, "
-          f"{_signed(gain['ci'][1])}] (needs CI above 0) \u2192 "
-          f"{'met' if met else 'not met'}", flush=True)
+    what = f"ablation: a gain to attribute: ConViT \u2212 DeiT at {n}/class"
+    met = ci_entry_check(what, gain)
 
     def diff(a, b):  # paired accuracy difference of two arms, as "mean [95% CI]"
         if a == b:
